@@ -20,7 +20,7 @@ Document semantics (the seed's, see DESIGN.md and engine/data/tokenizer.py):
 - OBELICS: ``images`` and ``texts`` (or ``--text-field text_ocr_list``) lists of equal length with
   exactly one non-null entry per position; an optional ``valid_image`` list of booleans drops
   images. ``images[i]`` is a path relative to ``--image-root``, or a URL, which names the file
-  ``sha256(url)`` in the root, as the OBELICS/MMC4 download scripts store them.
+  ``sha256(url)`` (hex) in the root, as the seed's data loaders name downloaded images.
 - MMC4: ``text_list``, ``image_info`` (``image_name``, else ``sha256(image_url or raw_url)``),
   ``similarity_matrix`` [images x sentences], optional ``valid_image_ids``. Each image goes before
   the sentence that maximum-weight matching (scipy ``linear_sum_assignment``) gives it; with more
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import mmap
@@ -290,10 +291,20 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
+@functools.lru_cache(maxsize=None)
+def is_json_list(path: Path) -> bool:
+    """A JSON list of documents (first non-blank byte '['), else JSON lines, whatever the suffix."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return block.lstrip()[:1] == b"["
+    return path.suffix == ".json"
+
+
 def read_documents(path: Path):
-    """(location, raw bytes) per document: 1-based line numbers for JSONL, list indices for a JSON
+    """(location, raw bytes) per document: 1-based line numbers for JSON lines, indices for a JSON
     list, which is scanned from a memory map so an 11 GB file is never loaded whole."""
-    if path.suffix == ".jsonl":
+    if not is_json_list(path):
         with open(path, "rb") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
@@ -401,7 +412,7 @@ def _task_stream(sources, parts_dir: Path, docs_per_part: int, settings: Setting
     """("part", info) / ("chunk", tasks) / ("end", info) / ("skip", info), in output order."""
     for sid, src in enumerate(sources):
         root = settings.image_root or str(src.parent)
-        part, count, chunk, info = 0, 0, [], None
+        part, chunk, info = 0, [], None
         for loc, raw in read_documents(src):
             if info is None:
                 info = {"name": f"{sid:05d}-{part:06d}", "source": str(src), "docs": 0}
@@ -427,6 +438,7 @@ def _task_stream(sources, parts_dir: Path, docs_per_part: int, settings: Setting
 
 
 def run(args) -> dict:
+    """Preprocess `args.input` into `args.output_prefix`; returns the summary."""
     settings = Settings(
         image_root=args.image_root, text_field=args.text_field, doc_format=args.format,
         max_num_images=args.max_num_images, image_size=args.image_size, image_storage=args.image_storage,
@@ -438,66 +450,14 @@ def run(args) -> dict:
     tokenizer = build_tokenizer(settings.tokenizer_type, settings.tokenizer_model)
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    parts_dir = Path(str(prefix) + ".parts")
-
-    manifest = _fingerprint(settings, sources, args.docs_per_part)
-    manifest_path = parts_dir / "manifest.json"
-    if parts_dir.is_dir():
-        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-        if old != manifest:
-            print(f"{parts_dir}: left by a run with other inputs or settings; starting over", file=sys.stderr)
-            shutil.rmtree(parts_dir)
-    parts_dir.mkdir(exist_ok=True)
-    if not manifest_path.is_file():
-        _atomic_write(manifest_path, json.dumps(manifest, indent=1))
-
-    executor = None
-    if args.workers > 1:
-        executor = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=init_worker, initargs=(settings, tokenizer))
-    init_worker(settings, tokenizer)
-
-    from tqdm import tqdm
-
-    token_dtype = fmt.token_dtype_for(max(tokenizer.vocab_size, tokenizer.image_token_id))
+    parts_dir = _prepare_parts_dir(prefix, _fingerprint(settings, sources, args.docs_per_part))
+    writer_kw = dict(image_token_id=tokenizer.image_token_id, image_size=settings.image_size,
+                     image_storage=settings.image_storage,
+                     token_dtype=fmt.token_dtype_for(max(tokenizer.vocab_size, tokenizer.image_token_id)))
 
     start = time.perf_counter()
-    total = _count_jsonl_docs(sources)
-    bar = tqdm(total=total, unit="doc", dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
-    parts, writer, part_stats, part_errors = [], None, None, None
-    resumed = docs_done = images_done = 0
-    try:
-        stream = _task_stream(sources, parts_dir, args.docs_per_part, settings)
-        for kind, value in _ordered(stream, executor, window=4 * max(1, args.workers)):
-            if kind == "part":
-                writer = fmt.IndexedDatasetWriter(parts_dir / value["name"], image_token_id=tokenizer.image_token_id,
-                                                  image_size=settings.image_size, image_storage=settings.image_storage,
-                                                  token_dtype=token_dtype)
-                part_stats, part_errors = _new_stats(), []
-            elif kind == "results":
-                for r in value:
-                    _consume(r, writer, part_stats, part_errors, sources, args.on_error)
-                    images_done += r.get("images_out", 0)
-                docs_done += len(value)
-                bar.update(len(value))
-                bar.set_postfix_str(f"{images_done / max(time.perf_counter() - start, 1e-9):.1f} images/s", refresh=False)
-            elif kind == "end":
-                writer.finalize()
-                writer = None
-                done = {"name": value["name"], "source": value["source"], "stats": dict(part_stats),
-                        "errors": part_errors}
-                _atomic_write(parts_dir / (value["name"] + ".done.json"), json.dumps(done))
-                parts.append(value["name"])
-            elif kind == "skip":
-                parts.append(value["name"])
-                resumed += 1
-                bar.update(value["docs"])
-    finally:
-        if writer is not None:
-            writer.abort()
-        bar.close()
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+    parts, counts = _write_parts(args, settings, tokenizer, sources, parts_dir, writer_kw)
+    elapsed = time.perf_counter() - start
 
     # Every part is on disk: gather counts and errors, then assemble the dataset.
     stats, errors = _new_stats(), []
@@ -505,7 +465,6 @@ def run(args) -> dict:
         done = json.loads((parts_dir / (name + ".done.json")).read_text())
         stats.update(done["stats"])
         errors.extend(done["errors"])
-    elapsed = time.perf_counter() - start
     skipped = Counter(e["kind"] for e in errors)
     summary = {
         "output_prefix": str(prefix),
@@ -515,19 +474,81 @@ def run(args) -> dict:
         **{k: stats[k] for k in ("images_in", "images_out", "images_dropped_over_max", "tokens")},
         "image_storage": settings.image_storage, "image_size": settings.image_size,
         "image_token_id": tokenizer.image_token_id, "workers": args.workers, "parts": len(parts),
-        "parts_reused": resumed, "elapsed_s": round(elapsed, 3),
-        "docs_per_s": round(docs_done / elapsed, 2) if elapsed else None,
-        "images_per_s": round(images_done / elapsed, 2) if elapsed else None,
+        "parts_reused": counts["reused"], "elapsed_s": round(elapsed, 3),
+        # this run's own work (resumed parts excluded)
+        "docs_per_s": round(counts["docs"] / elapsed, 2), "images_per_s": round(counts["images"] / elapsed, 2),
     }
     _atomic_write(Path(str(prefix) + ".errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
     _atomic_write(Path(str(prefix) + ".summary.json"), json.dumps(summary, indent=1) + "\n")
     if parts:
         fmt.merge([parts_dir / name for name in parts], prefix)
     else:  # no input documents at all: an empty, valid dataset
-        fmt.IndexedDatasetWriter(prefix, image_token_id=tokenizer.image_token_id, image_size=settings.image_size,
-                                 image_storage=settings.image_storage, token_dtype=token_dtype).finalize()
+        fmt.IndexedDatasetWriter(prefix, **writer_kw).finalize()
     shutil.rmtree(parts_dir)
     return summary
+
+
+def _prepare_parts_dir(prefix: Path, manifest: dict) -> Path:
+    """`<prefix>.parts/`, kept from an earlier run only if that run had the same inputs and settings."""
+    parts_dir = Path(str(prefix) + ".parts")
+    manifest_path = parts_dir / "manifest.json"
+    if parts_dir.is_dir():
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        if old != manifest:
+            print(f"{parts_dir}: left by a run with other inputs or settings; starting over", file=sys.stderr)
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(exist_ok=True)
+    if not manifest_path.is_file():
+        _atomic_write(manifest_path, json.dumps(manifest, indent=1))
+    return parts_dir
+
+
+def _write_parts(args, settings: Settings, tokenizer, sources: list[Path], parts_dir: Path,
+                 writer_kw: dict) -> tuple[list[str], Counter]:
+    """Process every part not finished yet; returns all part names in order and this run's counts."""
+    from tqdm import tqdm
+
+    executor = None
+    if args.workers > 1:
+        executor = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=init_worker, initargs=(settings, tokenizer))
+    init_worker(settings, tokenizer)
+    bar = tqdm(total=_count_jsonl_docs(sources), unit="doc", dynamic_ncols=True, disable=args.no_progress,
+               smoothing=0.1)
+    start = time.perf_counter()
+    parts, counts, writer, part_stats, part_errors = [], Counter(docs=0, images=0, reused=0), None, None, None
+    try:
+        stream = _task_stream(sources, parts_dir, args.docs_per_part, settings)
+        for kind, value in _ordered(stream, executor, window=4 * args.workers):
+            if kind == "part":
+                writer = fmt.IndexedDatasetWriter(parts_dir / value["name"], **writer_kw)
+                part_stats, part_errors = _new_stats(), []
+            elif kind == "results":
+                for r in value:
+                    _consume(r, writer, part_stats, part_errors, sources, args.on_error)
+                    counts["images"] += r.get("images_out", 0)
+                counts["docs"] += len(value)
+                bar.update(len(value))
+                rate = counts["images"] / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{rate:.1f} images/s", refresh=False)
+            elif kind == "end":
+                writer.finalize()
+                writer = None
+                done = {"name": value["name"], "source": value["source"], "stats": dict(part_stats),
+                        "errors": part_errors}
+                _atomic_write(parts_dir / (value["name"] + ".done.json"), json.dumps(done))
+                parts.append(value["name"])
+            elif kind == "skip":
+                parts.append(value["name"])
+                counts["reused"] += 1
+                bar.update(value["docs"])
+    finally:
+        if writer is not None:
+            writer.abort()
+        bar.close()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return parts, counts
 
 
 def _consume(r: dict, writer, stats: Counter, errors: list, sources: list[Path], on_error: str) -> None:
@@ -535,7 +556,7 @@ def _consume(r: dict, writer, stats: Counter, errors: list, sources: list[Path],
     stats["images_in"] += r["images_in"]
     if "error" in r:
         src = sources[r["source"]]
-        where = {"line": r["loc"]} if src.suffix == ".jsonl" else {"index": r["loc"]}
+        where = {"index": r["loc"]} if is_json_list(src) else {"line": r["loc"]}
         entry = {"source": str(src), **where, "kind": r["error"], "reason": r["reason"]}
         if on_error == "fail":
             raise PreprocessError(f"{src}: {next(iter(where))} {r['loc']}: {r['reason']}")
@@ -550,7 +571,7 @@ def _consume(r: dict, writer, stats: Counter, errors: list, sources: list[Path],
 
 def _count_jsonl_docs(sources: list[Path]) -> int | None:
     """Documents in the input when it is all JSONL (a cheap line count), for the progress bar's ETA."""
-    if any(p.suffix != ".jsonl" for p in sources):
+    if any(is_json_list(p) for p in sources):
         return None
     n = 0
     for p in sources:

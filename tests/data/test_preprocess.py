@@ -367,3 +367,28 @@ def test_argument_errors(inputs, tmp_path, capsys):
     assert tool.main(["--input", str(inputs["good"]), "--output-prefix", str(tmp_path / "x"),
                       "--image-root", str(tmp_path / "nowhere"), "--tokenizer-model", _tokenizer_path()]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_valid_image_flags_and_forced_format(inputs, tok, tmp_path):
+    """`valid_image` (OBELICS) and `valid_image_ids` (MMC4) drop images before --max-num-images
+    counts; --format forces a parser; a .json file holding JSON lines is read as lines."""
+    docs = [
+        _obelics(["astronaut.jpg", None, "gone.jpg", "chelsea.png"], [None, "x", None, None],
+                 valid_image=[True, False, True]),
+        {"text_list": ["One.", "Two."], "image_info": [{"image_name": "gone.jpg"}, {"image_name": "coffee.jpg"}],
+         "similarity_matrix": [[0.9, 0.1], [0.8, 0.2]], "valid_image_ids": [1]},
+    ]
+    (tmp_path / "d.json").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    _run([tmp_path / "d.json"], tmp_path / "ds", "--image-root", inputs["images"], "--max-num-images", 1,
+         "--image-storage", "raw")
+    ds = IndexedDataset(tmp_path / "ds")
+    assert ds.tokens(0).tolist() == encode_document(tok, [None, "x"]).tolist()
+    assert ds.tokens(1).tolist() == encode_document(tok, [None, "One.", "Two."]).tolist()
+    np.testing.assert_array_equal(ds.image(0), preprocess_file(inputs["images"] / "astronaut.jpg"))
+    np.testing.assert_array_equal(ds.image(1), preprocess_file(inputs["images"] / "coffee.jpg"))
+    assert Path(f"{tmp_path / 'ds'}.errors.jsonl").read_text() == ""
+
+    _run([tmp_path / "d.json"], tmp_path / "forced", "--image-root", inputs["images"], "--format", "mmc4")
+    errors = [json.loads(x) for x in Path(f"{tmp_path / 'forced'}.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["kind"]) for e in errors] == [(1, "bad_field")]
+    assert "missing field 'text_list'" in errors[0]["reason"]
