@@ -1,0 +1,335 @@
+"""Training throughput on real preprocessed data, optionally side by side with the seed-style
+Hugging Face pipeline, in one process.
+
+    python tools/benchmark.py --preset llava-7b-bench --num-layers 8 --data-prefix out/sample \
+        --seq-length 4096 --steps 10 --baseline hf --json-out docs/benchmarks/run.json
+
+Engine: the trainer's own pieces (engine.training.pretrain builds the model, DDP, distributed
+optimizer and packed-data loader from the same flags as `llava-pretrain`); one step = one global
+batch through mcore's schedule and the optimizer.
+
+Baseline `hf`: transformers' LlavaForConditionalGeneration (SDPA attention, fp32 weights under
+bf16 autocast as HF Trainer runs it, frozen vision tower, fused AdamW) fed the way the seed feeds
+it: one document per sample (first `seq-length` LLM positions, whole images only), samples padded
+to the longest in the micro-batch, images decoded from the dataset's JPEGs by DataLoader workers.
+It runs the same number of optimizer steps over as many micro-batches.
+
+Both are scored with the same formula (engine.training.metrics.step_flops: useful FLOPs only,
+within-document attention pairs, no recompute). Prints one JSON line per pipeline and, with a
+baseline, a final line with the ratio of useful tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+IGNORE_INDEX = -100
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llava-7b-bench")
+    p.add_argument("--num-layers", type=int, default=None, help="language-model layers (preset's if omitted)")
+    p.add_argument("--data-prefix", required=True, help="a dataset written by tools/preprocess_interleaved.py")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--recompute-granularity", choices=["selective", "full"], default=None)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--baseline", choices=["hf"], default=None)
+    p.add_argument("--hf-micro-batch-size", type=int, default=2,
+                   help="documents per padded micro-batch for the baseline")
+    p.add_argument("--hf-gradient-checkpointing", action="store_true", help="the seed's setting")
+    p.add_argument("--matmul-ceiling", action="store_true", help="also measure the card's bf16 matmul rate")
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--skip-engine", action="store_true")
+    return p.parse_args()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling() -> float:
+    """Measured dense bf16 matmul TFLOP/s of this card (8192^3, random data, median of 20)."""
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def _result(name, cfg_dict, steps, elapsed, tokens, images, flops, data_wait, extra) -> dict:
+    from engine.training.metrics import H100_PEAK_FLOPS
+
+    tflops = flops / elapsed / 1e12
+    out = {
+        "pipeline": name,
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "images_per_s": round(images / elapsed, 2),
+        "tflops": round(tflops, 1),
+        "mfu": round(tflops * 1e12 / H100_PEAK_FLOPS, 4),
+        "step_time_s": round(elapsed / steps, 4),
+        "data_wait_fraction": round(data_wait / elapsed, 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
+        "steps": steps,
+        "config": cfg_dict,
+    }
+    out.update(extra)
+    return out
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def run_engine(a: argparse.Namespace) -> dict:
+    from engine.platform import init_distributed, setup_platform
+    from engine.training import pretrain
+    from engine.training.arguments import parse_args
+    from engine.training.loop import configure_model_config, make_forward_step, train_step
+    from engine.training.metrics import TrainableParts, batch_documents, step_flops
+
+    flags = ["--model", a.preset, "--data-path", a.data_prefix, "--seq-length", str(a.seq_length),
+             "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
+             "--train-iters", str(a.steps + a.warmup), "--eval-interval", "0", "--split", "1,0,0",
+             "--attention-backend", a.attention_backend, "--num-workers", str(a.num_workers),
+             "--log-interval", "1000000"]
+    if a.num_layers:
+        flags += ["--num-layers", str(a.num_layers)]
+    if a.recompute_granularity:
+        flags += ["--recompute-granularity", a.recompute_granularity]
+    if torch.cuda.is_available():
+        flags += ["--bf16"]
+    args = parse_args(flags)
+    info = setup_platform()
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
+    model, optimizer, scheduler = pretrain.build_model_and_optimizer(args)
+    configure_model_config(model, optimizer, args)
+    train_iter, _ = pretrain.build_data(args, 0)
+    cfg = args.model_config
+    trainable = TrainableParts(vision=not args.freeze_vision, projector=not args.freeze_projector,
+                               llm=not args.freeze_llm)
+
+    counters = {"tokens": 0.0, "images": 0.0, "flops": 0.0, "wait": 0.0}
+
+    class Counting:
+        """Times the wait for each micro-batch and counts what it holds."""
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            t = time.perf_counter()
+            batch = next(train_iter)
+            counters["wait"] += time.perf_counter() - t
+            lengths, n_img = batch_documents(batch, pretrain.PAD_ID)
+            counters["tokens"] += sum(lengths)
+            counters["images"] += n_img
+            counters["flops"] += step_flops(cfg, lengths, n_img, trainable)
+            return batch
+
+    it = Counting()
+    forward_step = make_forward_step(device)
+    for _ in range(a.warmup):
+        train_step(forward_step, it, model, optimizer, scheduler, args, device)
+    _sync()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    counters.update(tokens=0.0, images=0.0, flops=0.0, wait=0.0)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        train_step(forward_step, it, model, optimizer, scheduler, args, device)
+    _sync()
+    elapsed = time.perf_counter() - t0
+    from engine.model import attention
+
+    backend = getattr(attention, "selected_backend", lambda: a.attention_backend)()
+    res = _result("engine", _config(a, cfg), a.steps, elapsed, counters["tokens"], counters["images"],
+                  counters["flops"], counters["wait"],
+                  {"attention_backend": backend, "transformer_engine": bool(info.has_te)})
+    del model, optimizer, scheduler
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return res
+
+
+def _config(a, cfg) -> dict:
+    return {"preset": a.preset, "num_layers": cfg.language.num_layers, "seq_length": a.seq_length,
+            "micro_batch_size": a.micro_batch_size, "global_batch_size": a.global_batch_size,
+            "recompute": a.recompute_granularity, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+# --------------------------------------------------------------------------- Hugging Face baseline
+
+
+class SeedStyleDocuments(torch.utils.data.Dataset):
+    """One document per sample, as the seed builds them: the token stream with each <image>
+    expanded to its 576 positions, cut to `seq_length` positions at an image boundary, labels
+    ignored before the first image, on image positions (and, after collation, on padding)."""
+
+    def __init__(self, prefix: str, seq_length: int, tokens_per_image: int, docs: list[int]):
+        from engine.data.format import IndexedDataset
+
+        self.ds, self.seq, self.tpi, self.docs = IndexedDataset(prefix), seq_length, tokens_per_image, docs
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, k):
+        from engine.data.images import normalize
+
+        doc = self.docs[k]
+        toks = self.ds.tokens(doc).astype("int64")
+        img_tok = self.ds.image_token_id
+        ids, labels, images, seen_image = [], [], [], False
+        first = self.ds.doc_image_offsets[doc]
+        n_img = 0
+        for t in toks.tolist():
+            if t == img_tok:
+                if len(ids) + self.tpi > self.seq:
+                    break
+                ids += [t] * self.tpi
+                labels += [IGNORE_INDEX] * self.tpi
+                images.append(self.ds.image(first + n_img))
+                n_img += 1
+                seen_image = True
+            else:
+                if len(ids) + 1 > self.seq:
+                    break
+                ids.append(t)
+                labels.append(t if seen_image else IGNORE_INDEX)
+        pix = normalize(torch.from_numpy(__import__("numpy").stack(images))) if images else torch.zeros(0, 3, 336, 336)
+        return torch.tensor(ids), torch.tensor(labels), pix
+
+
+def _pad_collate(samples):
+    n = max(len(s[0]) for s in samples)
+    ids = torch.zeros(len(samples), n, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(samples), n, dtype=torch.long)
+    for i, (x, y, _) in enumerate(samples):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.cat([s[2] for s in samples])}
+
+
+def run_hf(a: argparse.Namespace) -> dict:
+    from transformers import LlavaForConditionalGeneration
+
+    from engine.config import get_preset
+    from engine.convert.llava_hf import hf_config
+    from engine.data.format import IndexedDataset
+    from engine.training.metrics import TrainableParts, step_flops
+
+    cfg = get_preset(a.preset, **({"num_layers": a.num_layers} if a.num_layers else {}))
+    dev = torch.device("cuda")
+    hf_cfg = hf_config(cfg)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(hf_cfg).to(dev)
+    model.model.vision_tower.requires_grad_(False)  # the seed's frozen tower
+    if a.hf_gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0,
+                            fused=True)
+
+    reader = IndexedDataset(a.data_prefix)
+    docs = [d for d in range(reader.num_documents) if reader.doc_image_counts[d] > 0]
+    accum = a.global_batch_size // a.micro_batch_size
+    per_step = a.hf_micro_batch_size * accum
+    needed = per_step * (a.steps + a.warmup)
+    order = [docs[i % len(docs)] for i in range(needed)]
+    ds = SeedStyleDocuments(a.data_prefix, a.seq_length, cfg.vision.tokens_per_image, order)
+    loader = torch.utils.data.DataLoader(ds, batch_size=a.hf_micro_batch_size, collate_fn=_pad_collate,
+                                         num_workers=a.num_workers, pin_memory=True, shuffle=False)
+    it = iter(loader)
+    trainable = TrainableParts(vision=False, projector=True, llm=True)
+    counters = {"tokens": 0.0, "images": 0.0, "flops": 0.0, "wait": 0.0}
+
+    def step():
+        for _ in range(accum):
+            t = time.perf_counter()
+            batch = next(it)
+            counters["wait"] += time.perf_counter() - t
+            lengths = batch["attention_mask"].sum(1).tolist()
+            n_img = batch["pixel_values"].shape[0]
+            counters["tokens"] += sum(lengths)
+            counters["images"] += n_img
+            counters["flops"] += step_flops(cfg, lengths, n_img, trainable)
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(**batch)
+            (out.loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        step()
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    counters.update(tokens=0.0, images=0.0, flops=0.0, wait=0.0)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    _sync()
+    elapsed = time.perf_counter() - t0
+    conf = _config(a, cfg) | {"micro_batch_size": a.hf_micro_batch_size,
+                              "gradient_checkpointing": a.hf_gradient_checkpointing}
+    return _result("hf", conf, a.steps, elapsed, counters["tokens"], counters["images"], counters["flops"],
+                   counters["wait"], {"attention_backend": "sdpa", "padded_fraction": None})
+
+
+def main() -> None:
+    a = parse()
+    if a.global_batch_size % a.micro_batch_size:
+        sys.exit("--global-batch-size must be a multiple of --micro-batch-size")
+    rows = []
+    if not a.skip_engine:
+        rows.append(run_engine(a))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.baseline == "hf":
+        rows.append(run_hf(a))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.matmul_ceiling and torch.cuda.is_available():
+        ceiling = matmul_ceiling()
+        for r in rows:
+            r["ratio_to_matmul_ceiling"] = round(r["tflops"] / ceiling, 4)
+            r["matmul_ceiling_tflops"] = round(ceiling, 1)
+    if len(rows) == 2:
+        rows.append({"pipeline": "ratio", "engine_over_hf_tokens_per_s":
+                     round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    if a.json_out:
+        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.json_out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
