@@ -75,10 +75,19 @@ class LanguageConfig:
     rotary_base: float = 10000.0
     norm_eps: float = 1e-5
     untie_embeddings: bool = True
+    # Embedding/output rows are padded to a multiple of this (Megatron's
+    # --make-vocab-size-divisible-by). 64 gives 32064 rows, the layout of the llava-hf checkpoints,
+    # and is divisible by every power-of-two tensor-parallel size up to 64.
+    make_vocab_size_divisible_by: int = 64
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
 
 
 @dataclass(frozen=True)
