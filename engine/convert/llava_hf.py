@@ -212,17 +212,16 @@ def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict]:
     return model_config_from_hf(config, str(path)), config
 
 
-def hf_config(cfg: ModelConfig, dtype: str, vision_layers: int):
+def hf_config(cfg: ModelConfig, dtype: str = "float32", vocab_size: int | None = None):
     """ModelConfig -> transformers LlavaConfig (what export writes as config.json).
 
-    `vision_layers` is the number of CLIP layers written; LLaVA reads hidden_states[-2], so the
-    tower's last layer is never used (see `engine.convert.export`)."""
+    The text vocabulary is the engine's padded one (32064 for LLaMA + <image>, as llava-hf's):
+    the engine's softmax runs over the padding columns too, so the exported model keeps them."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vis, lang = cfg.vision, cfg.language
-    select = vis.select_layer if vis.select_layer < 0 else vis.select_layer
     vision = CLIPVisionConfig(
-        hidden_size=vis.hidden_size, intermediate_size=vis.ffn_hidden_size, num_hidden_layers=vision_layers,
+        hidden_size=vis.hidden_size, intermediate_size=vis.ffn_hidden_size, num_hidden_layers=vis.num_layers,
         num_attention_heads=vis.num_attention_heads, image_size=vis.image_size, patch_size=vis.patch_size,
         hidden_act=vis.activation, layer_norm_eps=vis.layernorm_eps, projection_dim=768,
     )
@@ -230,14 +229,14 @@ def hf_config(cfg: ModelConfig, dtype: str, vision_layers: int):
         hidden_size=lang.hidden_size, intermediate_size=lang.ffn_hidden_size, num_hidden_layers=lang.num_layers,
         num_attention_heads=lang.num_attention_heads,
         num_key_value_heads=lang.num_query_groups or lang.num_attention_heads,
-        vocab_size=lang.vocab_size, max_position_embeddings=lang.max_position_embeddings,
+        vocab_size=vocab_size or lang.padded_vocab_size, max_position_embeddings=lang.max_position_embeddings,
         rms_norm_eps=lang.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": lang.rotary_base},
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=cfg.image_token_id,
         image_seq_length=vis.tokens_per_image, projector_hidden_act="gelu",
-        vision_feature_layer=select, vision_feature_select_strategy="default" if vis.drop_class_token else "full",
+        vision_feature_layer=vis.select_layer, vision_feature_select_strategy="default" if vis.drop_class_token else "full",
         multimodal_projector_bias=True, tie_word_embeddings=False,
     )
     config.architectures = [ARCHITECTURE]

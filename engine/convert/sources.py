@@ -2,8 +2,8 @@
 
 A `Source` hands out tensors by their llava-hf Hub name (`language_model.model.layers.0...`,
 `vision_tower.vision_model...`, `multi_modal_projector.linear_1...`; see
-`engine.convert.llava_hf.hub_name`), one at a time, with the vocabulary rows the engine has
-(tokenizer vocabulary + `<image>`), so that the rest of the import never needs to know which
+`engine.convert.llava_hf.hub_name`), one at a time, with at least the vocabulary rows the engine
+has (tokenizer vocabulary + `<image>`), so that the rest of the import never needs to know which
 layout the weights came from. Layouts:
 
 * `LlavaHFSource`: a `LlavaForConditionalGeneration` directory (this module);
@@ -36,7 +36,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(hf_config(cfg, "float32", cfg.vision.num_layers))
+        model = LlavaForConditionalGeneration(hf_config(cfg))
     return {hub_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -64,18 +64,19 @@ class Source:
     # -- vocabulary ----------------------------------------------------------------------
 
     def _vocab_rows(self, name: str) -> torch.Tensor:
-        """Embedding / LM-head rows as the engine has them: the tokenizer vocabulary plus
-        `<image>` (= `config.language.vocab_size` rows).
+        """Embedding / LM-head rows, at least the engine's vocabulary (tokenizer + `<image>`).
 
-        Extra rows (llava-hf's `<pad>` token and its padding to a multiple of 64) are dropped.
-        A checkpoint without an `<image>` row (LLaMA, original LLaVA: there `<image>` never
-        reaches the embedding) gets the mean of the other rows, as a new token's row; in the
-        embedding the row is never read (image positions take the projector's output), in the
-        LM head it gives `<image>` an unremarkable logit."""
+        Rows beyond it (llava-hf's `<pad>` and its padding to 32064) are kept: they fill the
+        engine's padding rows (`engine.convert.hf` cuts or zero-pads to the padded size), so a
+        llava-hf checkpoint round-trips bit for bit. A checkpoint without an `<image>` row
+        (LLaMA, original LLaVA: there `<image>` never reaches the embedding) gets the mean of
+        the other rows, as a new token's row; in the embedding the row is never read (image
+        positions take the projector's output), in the LM head it gives `<image>` an
+        unremarkable logit."""
         t = self._raw_get(name)
         vocab = self.config.language.vocab_size
         if t.shape[0] >= vocab:
-            return t[:vocab].clone() if t.shape[0] > vocab else t
+            return t
         if t.shape[0] == vocab - 1:
             return torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype)])
         raise CheckpointError(f"{self._where(name)}: {t.shape[0]} vocabulary rows, expected at least {vocab - 1}")

@@ -23,8 +23,7 @@ def test_llava_hf_source_reads_the_model(llava_hf_dir, tiny_llava):
     state = {hub_name(k): v for k, v in tiny_llava.state_dict().items()}
     assert set(state) == set(src.names)
     for name in src.names:
-        want = state[name][:32001] if name.endswith(("embed_tokens.weight", "lm_head.weight")) else state[name]
-        assert torch.equal(src.get(name), want), name
+        assert torch.equal(src.get(name), state[name]), name
 
 
 def test_original_layout_equals_llava_hf(llava_hf_dir, original_llava_dir):
@@ -33,7 +32,10 @@ def test_original_layout_equals_llava_hf(llava_hf_dir, original_llava_dir):
     assert orig.check() == []
     assert orig.names == hf.names
     for name in hf.names:  # the <image> row is created by the import for `orig`: still equal
-        assert torch.equal(orig.get(name), hf.get(name)), name
+        want = hf.get(name)
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            want = want[:32001]  # llava-hf's rows past <image>: padding, zero after an import of `orig`
+        assert torch.equal(orig.get(name), want), name
 
 
 def test_llama_clip_gets_a_fresh_projector(llama_dir, clip_dir, llava_hf_dir):
@@ -43,7 +45,8 @@ def test_llama_clip_gets_a_fresh_projector(llama_dir, clip_dir, llava_hf_dir):
     assert src.check() == []
     for name in hf.names:
         if not name.startswith("multi_modal_projector."):
-            assert torch.equal(src.get(name), hf.get(name)), name
+            assert torch.equal(src.get(name), hf.get(name)[:32001] if "embed" in name or "lm_head" in name
+                               else hf.get(name)), name
     w = src.get("multi_modal_projector.linear_1.weight")
     assert w.shape == (64, 32) and w.abs().max() <= 32 ** -0.5 and w.std() > 0.05
     again = LlamaClipSource(llama_dir, clip_dir, seed=3).get("multi_modal_projector.linear_1.weight")
