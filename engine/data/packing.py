@@ -148,13 +148,18 @@ def cache_key(params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def index_dir(cache_dir: str | os.PathLike, name: str, params: dict) -> Path:
+    """Where the index named `name` with these parameters lives: ``<cache_dir>/<name>-<hash>``."""
+    return Path(cache_dir) / f"{name}-{cache_key(params)}"
+
+
 def load_or_build(cache_dir: str | os.PathLike | None, name: str, params: dict,
                   build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays from ``<cache_dir>/<name>-<hash(params)>/`` (memory-mapped), built and published
+    """Arrays from ``index_dir(cache_dir, name, params)`` (memory-mapped), built and published
     atomically on a miss. ``cache_dir=None`` builds in memory without caching."""
     if cache_dir is None:
         return build()
-    final = Path(cache_dir) / f"{name}-{cache_key(params)}"
+    final = index_dir(cache_dir, name, params)
     if final.exists() and not (final / "params.json").is_file():
         # Builders publish whole directories; this one was put together some other way.
         raise FileExistsError(f"{final} is not a complete index (no params.json): delete it to rebuild")
@@ -175,4 +180,14 @@ def load_or_build(cache_dir: str | os.PathLike | None, name: str, params: dict,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("built index %s", final)
-    return {p.stem: np.load(p, mmap_mode="r") for p in final.glob("*.npy")}
+    return load_index(final)
+
+
+def index_dir(cache_dir: str | os.PathLike, name: str, params: dict) -> Path:
+    """Where an index lives: ``<cache_dir>/<name>-<hash of params>``."""
+    return Path(cache_dir) / f"{name}-{cache_key(params)}"
+
+
+def load_index(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a published index directory, memory-mapped."""
+    return {p.stem: np.load(p, mmap_mode="r") for p in Path(path).glob("*.npy")}

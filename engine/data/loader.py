@@ -1,0 +1,148 @@
+"""Micro-batches for one data-parallel rank: the sampler, the collate function, the DataLoader.
+
+Sample order is global and deterministic: global batch j holds samples
+``[consumed + j * B * DP, consumed + (j + 1) * B * DP)`` (B = micro-batch size, DP = data-parallel
+size), and rank r takes its slice ``[r * B, (r + 1) * B)`` of each. Resuming from a checkpoint
+therefore needs only the number of samples consumed so far, as in Megatron.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from engine.data.dataset import normalize_channels_first
+
+
+class PretrainingSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields this rank's micro-batches (lists of sample indices) from `consumed_samples` on.
+
+    With ``drop_last`` a final global batch that is not full is skipped (every rank then stops
+    at the same step); without it, each rank gets its part of that batch, which may be short or
+    empty.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int = 0, data_parallel_size: int = 1, drop_last: bool = True):
+        if total_samples <= 0 or micro_batch_size <= 0 or data_parallel_size <= 0:
+            raise ValueError(f"need total_samples, micro_batch_size, data_parallel_size > 0, got "
+                             f"{total_samples}, {micro_batch_size}, {data_parallel_size}")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} outside [0, {data_parallel_size})")
+        if not 0 <= consumed_samples <= total_samples:
+            raise ValueError(f"consumed_samples {consumed_samples} outside [0, {total_samples}]")
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro, self.rank, self.world, self.drop_last = (micro_batch_size, data_parallel_rank,
+                                                             data_parallel_size, drop_last)
+
+    @property
+    def global_size(self) -> int:
+        return self.micro * self.world
+
+    def __len__(self) -> int:
+        left = self.total - self.consumed
+        full, rest = divmod(left, self.global_size)
+        return full + (rest > self.rank * self.micro and not self.drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed
+        while start + self.global_size <= self.total:
+            lo = start + self.rank * self.micro
+            yield list(range(lo, lo + self.micro))
+            start += self.global_size
+        if not self.drop_last:
+            lo = start + self.rank * self.micro
+            part = list(range(lo, min(lo + self.micro, self.total)))
+            if part:
+                yield part
+
+
+def _output(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor | None:
+    """In a DataLoader worker, an empty tensor in shared memory (as torch's default collate
+    makes), so handing the batch to the training process copies nothing; elsewhere None."""
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    numel = 1
+    for n in shape:
+        numel *= n
+    storage = like._typed_storage()._new_shared(numel, device=like.device)
+    return like.new(storage).resize_(*shape)
+
+
+def _collate_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate float images; uint8 [N, H, W, 3] images (as stored) are normalised straight
+    into the batch, which saves a float copy of every image."""
+    if images[0].dtype != torch.uint8:
+        return torch.cat(images, out=_output(images[0], (sum(len(x) for x in images), *images[0].shape[1:])))
+    n, (h, w) = sum(len(x) for x in images), images[0].shape[1:3]
+    like = torch.empty(0, dtype=torch.float32)
+    out = _output(like, (n, 3, h, w))
+    out = torch.empty((n, 3, h, w), dtype=torch.float32) if out is None else out
+    start = 0
+    for x in images:
+        normalize_channels_first(x, out[start : start + len(x)])
+        start += len(x)
+    return out
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | int]:
+    """Stack samples into the micro-batch of docs/internals.md: per-position tensors [B, S],
+    images concatenated, and image offsets / cu_seqlens moved into the flattened [B * S] sequence."""
+    if not samples:
+        raise ValueError("cannot collate an empty micro-batch")
+    seq = samples[0]["tokens"].shape[0]
+    if any(s["tokens"].shape[0] != seq for s in samples):
+        raise ValueError(f"samples of different lengths in one micro-batch: {[s['tokens'].shape[0] for s in samples]}")
+    batch = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        parts = [s[key] for s in samples]
+        batch[key] = torch.stack(parts, out=_output(parts[0], (len(parts), seq)))
+    batch["images"] = _collate_images([s["images"] for s in samples])
+    batch["image_offsets"] = torch.cat([s["image_offsets"] + b * seq for b, s in enumerate(samples)])
+    bounds = [s["cu_seqlens"][:-1] + b * seq for b, s in enumerate(samples)]
+    bounds.append(torch.tensor([len(samples) * seq], dtype=torch.int32))
+    batch["cu_seqlens"] = torch.cat(bounds).to(torch.int32)
+    batch["max_seqlen"] = int(torch.diff(batch["cu_seqlens"]).max())
+    return batch
+
+
+def build_loader(dataset: torch.utils.data.Dataset, *, micro_batch_size: int, consumed_samples: int = 0,
+                 data_parallel_rank: int = 0, data_parallel_size: int = 1, num_workers: int = 2,
+                 prefetch_factor: int = 4, pin_memory: bool | None = None, drop_last: bool = True,
+                 multiprocessing_context: str | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over this rank's micro-batches of `dataset`, from `consumed_samples` on.
+
+    Workers are persistent (the memory maps stay open between epochs of iteration), each keeps
+    `prefetch_factor` micro-batches ready, and batches are pinned when CUDA is present. A sample
+    that fails raises ``engine.data.dataset.SampleError`` in the training process, naming the
+    sample and documents. `multiprocessing_context` ("fork", "forkserver", "spawn") defaults to
+    torch's choice; datasets pickle cheaply (their memory maps are re-opened), so all work.
+    """
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
+                                 data_parallel_size, drop_last)
+    workers = num_workers > 0
+    return torch.utils.data.DataLoader(
+        _StoredImages(dataset) if hasattr(dataset, "get") else dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        multiprocessing_context=multiprocessing_context if workers else None,
+    )
+
+
+class _StoredImages(torch.utils.data.Dataset):
+    """A dataset's samples with their images as stored (uint8): `collate` normalises them into
+    the batch. The batches are the same, bit for bit."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return self.dataset.get(k, normalize_images=False)
