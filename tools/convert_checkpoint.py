@@ -142,8 +142,9 @@ def _import_rank(rank: int, spec: dict) -> None:
 def run_import(kind: str, source: str | Path, target: str | Path, tp: int = 1, pp: int = 1, *,
                dtype: str = "bf16", vision_source: str | Path | None = None, seed: int = 0,
                verify: bool = False, verify_input=None, progress: bool = True, log=print) -> dict:
-    """Convert `source` into an engine checkpoint under `target`. Returns a report dict
-    (with `max_logit_diff` when verifying)."""
+    """Convert `source` into an engine checkpoint under `target`. Returns a report dict; when
+    verifying (on a random input, or on `verify_input` = (tokens, images, offsets)) it holds
+    `max_logit_diff` and the engine's float32 logits `engine_logits` [S, padded vocab]."""
     from engine.convert.llava_hf import trainer_flags
     from engine.model.llava import validate_layout
 
@@ -179,6 +180,7 @@ def run_import(kind: str, source: str | Path, target: str | Path, tp: int = 1, p
         report = {"target": str(target), "model": cfg.name, "tp": tp, "pp": pp, "dtype": dtype,
                   "trainer_flags": trainer_flags(cfg)}
         if spec["verify_input"] is not None:
+            report["engine_logits"] = torch.load(spec["engine_logits"])
             report["max_logit_diff"] = _verify_against_source(src, spec, dtype, log)
     report["seconds"] = round(time.perf_counter() - start, 1)
     flags = report["trainer_flags"]
@@ -280,6 +282,7 @@ def run_export(source: str | Path, target: str | Path, *, dtype: str = "bf16", t
         run_ranks(_export_rank, 1, spec)
         report = {"target": str(target), "model": cfg.name, "dtype": dtype}
         if spec["verify_input"] is not None:
+            report["engine_logits"] = torch.load(spec["engine_logits"])
             report["max_logit_diff"] = _verify_export(target, spec, dtype, log)
     report["seconds"] = round(time.perf_counter() - start, 1)
     log(f"done in {report['seconds']} s: {target}")
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    report.pop("engine_logits", None)
     print(json.dumps(report))
     return 0
 

@@ -259,7 +259,8 @@ def build_tokenizer(tokenizer: str | Path, image_token_id: int):
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(path, Path(tmp) / "tokenizer.model")
-            tok = LlamaTokenizer.from_pretrained(tmp, pad_token="<unk>", legacy=False)
+            # LLaMA adds BOS, not EOS, to every encoded text.
+            tok = LlamaTokenizer.from_pretrained(tmp, pad_token="<unk>", add_bos_token=True, add_eos_token=False)
     elif path.is_dir():
         tok = AutoTokenizer.from_pretrained(str(path))
     else:
