@@ -12,6 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tokenizer_model() -> str:
+    # LLAVA_TOKENIZER_MODEL points at a copy where mistral-common is not installed (GPU machines).
+    if os.environ.get("LLAVA_TOKENIZER_MODEL"):
+        return os.environ["LLAVA_TOKENIZER_MODEL"]
     import mistral_common
 
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
