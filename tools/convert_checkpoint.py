@@ -207,17 +207,6 @@ def _verify_against_source(src, spec: dict, dtype: str, log) -> float:
 # ------------------------------------------------------------------------------ export
 
 
-def _find_tokenizer(source: Path, given: str | None) -> Path:
-    if given is not None:
-        return Path(given)
-    for d in (source, source.parent):
-        if (d / "tokenizer.model").is_file():
-            return d / "tokenizer.model"
-    raise CheckpointError(
-        f"{source}: no tokenizer.model next to the checkpoint (an import puts one there); "
-        f"pass --tokenizer PATH (the SentencePiece model the data was tokenized with)")
-
-
 def _export_rank(rank: int, spec: dict) -> None:
     _quiet_logs()
     from tqdm import tqdm
@@ -259,12 +248,12 @@ def _generation_config():
 def run_export(source: str | Path, target: str | Path, *, dtype: str = "bf16", tokenizer: str | None = None,
                verify: bool = False, verify_input=None, max_shard_bytes: int = 2 * 2**30,
                progress: bool = True, log=print) -> dict:
-    from engine.convert.engine_io import read_checkpoint_config
+    from engine.convert.engine_io import find_tokenizer, read_checkpoint_config
 
     start = time.perf_counter()
     parse_dtype(dtype)
     ckpt, cfg, common = read_checkpoint_config(source)
-    tok = _find_tokenizer(Path(source), tokenizer)
+    tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(source)
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(f"--target {target} is not empty; give a new directory")

@@ -75,6 +75,18 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, ModelConfig, dict]:
     return ckpt, model_config_from_dict(common["model_config"]), common
 
 
+def find_tokenizer(checkpoint: str | Path) -> Path:
+    """The SentencePiece model stored next to an engine checkpoint (an import puts the source's
+    `tokenizer.model` in the save directory)."""
+    path = Path(checkpoint)
+    for d in (path, path.parent):
+        if (d / "tokenizer.model").is_file():
+            return d / "tokenizer.model"
+    raise CheckpointError(
+        f"{path}: no tokenizer.model next to the checkpoint (an import puts one there); pass --tokenizer "
+        f"PATH (the SentencePiece model the data was tokenized with)")
+
+
 # ------------------------------------------------------------------------------ building and loading
 
 

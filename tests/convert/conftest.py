@@ -188,3 +188,30 @@ def interleaved(photos, tokenizer_model):
     tokens = torch.tensor([expanded], dtype=torch.int64)
     images = torch.from_numpy(normalize(np.stack(pics)))
     return tokens, images, torch.tensor(offsets, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------ conversions
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_llava, interleaved):
+    tokens, images, _ = interleaved
+    with torch.no_grad():
+        return tiny_llava(input_ids=tokens, pixel_values=images).logits[0].float()
+
+
+@pytest.fixture(scope="session")
+def imports(tmp_path_factory, llava_hf_dir, interleaved):
+    """Imports of the llava-hf checkpoint, one per (tp, pp), made once and verified on `interleaved`."""
+    done = {}
+
+    def get(tp: int, pp: int) -> dict:
+        if (tp, pp) not in done:
+            target = tmp_path_factory.mktemp(f"engine_tp{tp}_pp{pp}") / "ckpt"
+            from tools.convert_checkpoint import run_import
+
+            done[tp, pp] = run_import("llava-hf", llava_hf_dir, target, tp, pp, dtype="fp32",
+                                      verify_input=interleaved, progress=False, log=lambda *_: None)
+        return done[tp, pp]
+
+    return get

@@ -16,32 +16,10 @@ from PIL import Image
 from engine.config import get_preset
 from engine.convert.io import WeightReader
 from engine.convert.llava_hf import hub_name
-from tools.convert_checkpoint import main, run_export, run_import
+from tools.convert_checkpoint import main, run_export
 
 pytestmark = pytest.mark.slow  # every test here starts gloo process groups
 ATOL = 1e-4  # fp32, logits of magnitude ~2; observed differences are ~1e-6
-
-
-@pytest.fixture(scope="session")
-def hf_reference(tiny_llava, interleaved):
-    tokens, images, _ = interleaved
-    with torch.no_grad():
-        return tiny_llava(input_ids=tokens, pixel_values=images).logits[0].float()
-
-
-@pytest.fixture(scope="session")
-def imports(tmp_path_factory, llava_hf_dir, interleaved):
-    """Imports of the llava-hf checkpoint, one per (tp, pp), made once and verified on `interleaved`."""
-    done = {}
-
-    def get(tp: int, pp: int) -> dict:
-        if (tp, pp) not in done:
-            target = tmp_path_factory.mktemp(f"engine_tp{tp}_pp{pp}") / "ckpt"
-            done[tp, pp] = run_import("llava-hf", llava_hf_dir, target, tp, pp, dtype="fp32",
-                                      verify_input=interleaved, progress=False, log=lambda *_: None)
-        return done[tp, pp]
-
-    return get
 
 
 def _checkpoint_tensors(ckpt, tmp_path) -> dict[str, torch.Tensor]:
