@@ -11,8 +11,10 @@ Poisson(3) (at most 12, as the preprocessing keeps), images spread through the t
 `loader` writes a dataset of real photographs (scikit-image's sample images, or `--image-dir`)
 in JPEG and raw storage, then measures images/s through `PackedDataset` + `build_loader`: with
 `--workers 0` in the calling process on one thread (one worker's job, plus collation and
-pinning), else per worker of a DataLoader (total rate / workers). Token ids are synthetic:
-tokenization is not on this path.
+pinning), else per worker of a DataLoader (total rate / workers). Where CUDA is present every
+batch goes through `to_device`, as in training. Images are normalised in the workers (float32
+batches, the default) or, `--normalize-on device`, shipped as uint8 and normalised on the GPU.
+Token ids are synthetic: tokenization is not on this path.
 """
 
 from __future__ import annotations
@@ -113,14 +115,42 @@ def write_dataset(prefix: Path, photos: list[np.ndarray], storage: str, num_docs
     return k
 
 
+def time_loader(ds, workers: int, normalize_on: str, pin, device, args) -> dict:
+    """Iterate the loader as training does (each batch moved to `device` when there is one)."""
+    import torch
+
+    from engine.data.loader import build_loader, to_device
+
+    loader = build_loader(ds, micro_batch_size=args.micro_batch_size, num_workers=workers, prefetch_factor=4,
+                          pin_memory=pin, normalize_images=normalize_on == "workers")
+    pins = loader.pin_memory
+    it = iter(loader)
+    next(it)  # start the workers and warm up before timing
+    images = samples = 0
+    t0 = time.perf_counter()
+    for batch in it:
+        if device is not None:
+            batch = to_device(batch, device)
+        images += batch["images"].shape[0]
+        samples += batch["tokens"].shape[0]
+    if device is not None:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del it, loader
+    return dict(to_device=device is not None, pin_memory=pins, seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size, samples=samples, images=images, seconds=round(seconds, 3),
+                images_per_s=round(images / seconds, 1), images_per_s_per_worker=round(images / seconds / max(workers, 1), 1),
+                samples_per_s=round(samples / seconds, 1), cpu_count=os.cpu_count())
+
+
 def bench_loader(args) -> None:
     import torch
 
     from engine.data.dataset import PackedDataset
-    from engine.data.loader import build_loader
 
     photos = real_photos(args.image_dir)
     pin = {"auto": None, "on": True, "off": False}[args.pin_memory]
+    device = "cuda" if torch.cuda.is_available() else None
     torch.set_num_threads(1)  # as in a DataLoader worker, so --workers 0 measures one worker's job
     with tempfile.TemporaryDirectory() as tmp:
         for storage in ("jpeg", "raw"):
@@ -128,25 +158,10 @@ def bench_loader(args) -> None:
             write_dataset(prefix, photos, storage, args.documents)
             ds = PackedDataset(prefix, PackingConfig(seq_length=args.seq_length, seed=0), split_weights="1",
                                num_samples=args.samples, cache_dir=Path(tmp) / "cache")
-            for workers in args.workers:
-                loader = build_loader(ds, micro_batch_size=args.micro_batch_size, num_workers=workers,
-                                      prefetch_factor=4, pin_memory=pin)
-                loader_pins = loader.pin_memory
-                it = iter(loader)
-                next(it)  # start the workers and warm up before timing
-                images = samples = 0
-                t0 = time.perf_counter()
-                for batch in it:
-                    images += batch["images"].shape[0]
-                    samples += batch["tokens"].shape[0]
-                seconds = time.perf_counter() - t0
-                del it, loader
-                emit(bench="loader", storage=storage, workers=workers, seq_length=args.seq_length,
-                     micro_batch_size=args.micro_batch_size, samples=samples, images=images,
-                     seconds=round(seconds, 3), images_per_s=round(images / seconds, 1),
-                     images_per_s_per_worker=round(images / seconds / max(workers, 1), 1),
-                     samples_per_s=round(samples / seconds, 1), pin_memory=loader_pins,
-                     cpu_count=os.cpu_count())
+            for normalize_on in args.normalize_on:
+                for workers in args.workers:
+                    emit(bench="loader", storage=storage, workers=workers, normalize_on=normalize_on,
+                         **time_loader(ds, workers, normalize_on, pin, device, args))
 
 
 def main(argv=None) -> None:
@@ -161,6 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
                    help="loader: pin batches (auto: when CUDA is present, as training does)")
+    p.add_argument("--normalize-on", nargs="+", choices=["workers", "device"], default=["workers", "device"],
+                   help="loader: normalise images in the workers (float32 batches) or after to_device (uint8)")
     p.add_argument("--image-dir", default=None, help="loader: folder of photos instead of scikit-image's")
     args = p.parse_args(argv)
     if args.what in ("packing", "all"):

@@ -40,9 +40,9 @@ def normalize_channels_first(pixels: torch.Tensor, out: torch.Tensor | None = No
     float32 operations in the same order (so the same bits), done in place on the channels-first
     result (`out` if given): several times faster than broadcasting over interleaved channels."""
     if out is None:
-        out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32)
+        out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
     out.copy_(pixels.permute(0, 3, 1, 2))
-    return out.mul_(1 / 255).sub_(_MEAN).div_(_STD)
+    return out.mul_(1 / 255).sub_(_MEAN.to(out.device)).div_(_STD.to(out.device))
 
 
 class SampleError(RuntimeError):

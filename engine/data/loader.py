@@ -1,13 +1,15 @@
 """Micro-batches for one data-parallel rank: the sampler, the collate function, the DataLoader.
 
-Sample order is global and deterministic: global batch j holds samples
-``[consumed + j * B * DP, consumed + (j + 1) * B * DP)`` (B = micro-batch size, DP = data-parallel
-size), and rank r takes its slice ``[r * B, (r + 1) * B)`` of each. Resuming from a checkpoint
-therefore needs only the number of samples consumed so far, as in Megatron.
+Sample order is global and deterministic: micro-step j of the whole data-parallel group covers
+samples ``[consumed + j * B * DP, consumed + (j + 1) * B * DP)`` (B = micro-batch size, DP =
+data-parallel size), and rank r takes its slice ``[r * B, (r + 1) * B)`` of each. Resuming from a
+checkpoint therefore needs only the number of samples consumed so far, as in Megatron; gradient
+accumulation just takes several micro-steps per optimizer step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -18,9 +20,9 @@ from engine.data.dataset import normalize_channels_first
 class PretrainingSampler(torch.utils.data.Sampler[list[int]]):
     """Yields this rank's micro-batches (lists of sample indices) from `consumed_samples` on.
 
-    With ``drop_last`` a final global batch that is not full is skipped (every rank then stops
-    at the same step); without it, each rank gets its part of that batch, which may be short or
-    empty.
+    With ``drop_last`` a final micro-step that is not full is skipped (every rank then stops
+    at the same step); without it, each rank gets its part of that step, which may be short or
+    empty (then skipped).
     """
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
@@ -70,10 +72,10 @@ def _output(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor | None:
     return like.new(storage).resize_(*shape)
 
 
-def _collate_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate float images; uint8 [N, H, W, 3] images (as stored) are normalised straight
-    into the batch, which saves a float copy of every image."""
-    if images[0].dtype != torch.uint8:
+def _collate_images(images: list[torch.Tensor], normalize: bool) -> torch.Tensor:
+    """Concatenate images. uint8 [N, H, W, 3] images (as stored) are normalised straight into the
+    batch (which saves a float copy of every image), or with ``normalize=False`` kept as they are."""
+    if images[0].dtype != torch.uint8 or not normalize:
         return torch.cat(images, out=_output(images[0], (sum(len(x) for x in images), *images[0].shape[1:])))
     n, (h, w) = sum(len(x) for x in images), images[0].shape[1:3]
     like = torch.empty(0, dtype=torch.float32)
@@ -86,9 +88,10 @@ def _collate_images(images: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | int]:
+def collate(samples: Sequence[dict[str, torch.Tensor]], normalize_images: bool = True) -> dict[str, torch.Tensor | int]:
     """Stack samples into the micro-batch of docs/internals.md: per-position tensors [B, S],
-    images concatenated, and image offsets / cu_seqlens moved into the flattened [B * S] sequence."""
+    images concatenated, and image offsets / cu_seqlens moved into the flattened [B * S] sequence.
+    With ``normalize_images=False`` stored uint8 images stay uint8 [ΣN, H, W, 3] (see `to_device`)."""
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
     seq = samples[0]["tokens"].shape[0]
@@ -98,7 +101,7 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         parts = [s[key] for s in samples]
         batch[key] = torch.stack(parts, out=_output(parts[0], (len(parts), seq)))
-    batch["images"] = _collate_images([s["images"] for s in samples])
+    batch["images"] = _collate_images([s["images"] for s in samples], normalize_images)
     batch["image_offsets"] = torch.cat([s["image_offsets"] + b * seq for b, s in enumerate(samples)])
     bounds = [s["cu_seqlens"][:-1] + b * seq for b, s in enumerate(samples)]
     bounds.append(torch.tensor([len(samples) * seq], dtype=torch.int32))
@@ -110,14 +113,21 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 def build_loader(dataset: torch.utils.data.Dataset, *, micro_batch_size: int, consumed_samples: int = 0,
                  data_parallel_rank: int = 0, data_parallel_size: int = 1, num_workers: int = 2,
                  prefetch_factor: int = 4, pin_memory: bool | None = None, drop_last: bool = True,
+                 normalize_images: bool = True,
                  multiprocessing_context: str | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over this rank's micro-batches of `dataset`, from `consumed_samples` on.
 
     Workers are persistent (the memory maps stay open between epochs of iteration), each keeps
     `prefetch_factor` micro-batches ready, and batches are pinned when CUDA is present. A sample
     that fails raises ``engine.data.dataset.SampleError`` in the training process, naming the
-    sample and documents. `multiprocessing_context` ("fork", "forkserver", "spawn") defaults to
-    torch's choice; datasets pickle cheaply (their memory maps are re-opened), so all work.
+    sample and documents.
+
+    ``normalize_images=False`` ships images as stored, uint8 [ΣN, H, W, 3]: a quarter of the
+    bytes through shared memory, pinning and the host-to-device copy. `to_device` then
+    normalises them on the device, to the same float32 values.
+
+    `multiprocessing_context` ("fork", "forkserver", "spawn") defaults to torch's choice;
+    datasets pickle cheaply (their memory maps are re-opened), so all of them work.
     """
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
                                  data_parallel_size, drop_last)
@@ -125,13 +135,23 @@ def build_loader(dataset: torch.utils.data.Dataset, *, micro_batch_size: int, co
     return torch.utils.data.DataLoader(
         _StoredImages(dataset) if hasattr(dataset, "get") else dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate if normalize_images else functools.partial(collate, normalize_images=False),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
         multiprocessing_context=multiprocessing_context if workers else None,
     )
+
+
+def to_device(batch: dict[str, torch.Tensor | int], device: torch.device | str,
+              non_blocking: bool = True) -> dict[str, torch.Tensor | int]:
+    """The micro-batch on `device`; uint8 images (``normalize_images=False``) are normalised
+    there, to exactly the values the workers would have produced."""
+    out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if out["images"].dtype == torch.uint8:
+        out["images"] = normalize_channels_first(out["images"])
+    return out
 
 
 class _StoredImages(torch.utils.data.Dataset):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.data.dataset import PackedDataset, SampleError
-from engine.data.loader import PretrainingSampler, build_loader, collate
+from engine.data.loader import PretrainingSampler, build_loader, collate, to_device
 from engine.data.packing import PackingConfig
 from engine.data.tokenizer import SentencePieceTokenizer
 from test_dataset import random_documents, write_corpus
@@ -119,3 +119,14 @@ def test_worker_error_names_the_sample(tmp_path, tokenizer_model):
     # order, rather than in whatever order the garbage collector would finalize their queues.
     del loader
     assert message is not None and re.search(rf"cannot build sample {bad} \(doc 0 tokens .*checksum", message)
+
+
+def test_uint8_images_normalised_on_device_match(dataset):
+    loader = build_loader(dataset, micro_batch_size=2, num_workers=0, normalize_images=False)
+    batch = next(iter(loader))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape[1:] == (336, 336, 3)
+    want = collate([dataset[0], dataset[1]])
+    got = to_device(batch, "cuda" if torch.cuda.is_available() else "cpu")
+    assert got["images"].dtype == torch.float32
+    for key in want:
+        assert torch.equal(torch.as_tensor(got[key]).cpu(), torch.as_tensor(want[key])), key
