@@ -11,6 +11,11 @@ greedy fill rule, the per-epoch shuffles and the seeds are documented at the top
 - ``truncate``: a document that does not fit the current sample starts a new one; a document
   longer than a whole sample keeps its longest fitting prefix, the rest is dropped.
 
+``max_images_per_sample`` is a second budget next to ``seq_length``: a document with more images
+than a sample may hold is split (or truncated) before the first image that would exceed it. A
+sample must be able to hold one image, so ``seq_length < tokens_per_image`` is refused up front
+rather than leaving images that fit nowhere.
+
 Indices are cached as ``.npy`` files in one directory per parameter set, named by a hash of all
 parameters and of the dataset's identity, and published with one atomic rename, so concurrent
 builders (several ranks) and interrupted builds never leave a half-written index behind.
