@@ -98,6 +98,10 @@ def _worker(tokenizer_model: str, layouts: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def reports(tokenizer_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("gloo CPU processes need the megatron-core CPU mode, which is off when CUDA is present")
     return run_distributed(_worker, 4, tokenizer_model, LAYOUTS, timeout=240)
 
 
@@ -106,9 +110,9 @@ def reports(tokenizer_model):
 def test_layout_matches_single_process(reports, layout):
     tp, pp, _ = LAYOUTS[layout]
     per_rank = [r[layout] for r in reports]
-    # Every rank gathered every trainable tensor: vision tower (23 of 24 layers run... here 2 of 3),
-    # projector and language model.
-    assert len({r["n_grads"] for r in per_rank}) == 1
+    # Every rank gathered every trainable tensor (vision layers that run, projector, LLM) and
+    # compared the set of names with the reference inside the worker.
+    assert {r["n_grads"] for r in per_rank} == {60}
     last = [r for r in per_rank if r["stages"][1]]
     assert len(last) == 4 // pp  # each last-stage rank returned the per-token loss
     for r in last:
