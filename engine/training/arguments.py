@@ -1,0 +1,406 @@
+"""Training flags: Megatron's names, grouped by concern, plus an optional YAML config file.
+
+    llava-pretrain --config examples/configs/tiny.yaml --train-iters 50
+
+A config file holds the same keys as the flags (``tensor-model-parallel-size`` or
+``tensor_model_parallel_size``); flags given on the command line override it. `parse_args`
+returns an argparse namespace after `validate_args` has checked it and filled in the derived
+values (data-parallel size, number of micro-batches, bf16, data blend), so every rank fails
+at start, with the same clear message, on a bad configuration.
+
+Defaults reproduce the seed recipe (DAMO-NLP-SG/multimodal_textbook, scripts/run_training.sh):
+lr 2e-5, constant after a 3 % linear warmup, weight decay 0, Adam(0.9, 0.999), gradient
+clipping at 1.0, bf16 where a GPU is present, vision tower frozen, at most 12 images per document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from engine.config import PRESETS, ModelConfig, get_preset
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which flag/key and why."""
+
+
+# --------------------------------------------------------------------------- flags by concern
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="llava-1.5-7b", choices=sorted(PRESETS),
+                   help="model preset (engine/config.py); the flags below override single fields")
+    g.add_argument("--num-layers", type=int, help="language-model layers (override the preset)")
+    g.add_argument("--hidden-size", type=int, help="language-model hidden size")
+    g.add_argument("--ffn-hidden-size", type=int, help="language-model MLP hidden size")
+    g.add_argument("--num-attention-heads", type=int, help="language-model attention heads")
+    g.add_argument("--num-query-groups", type=int, help="grouped-query attention groups")
+    g.add_argument("--freeze-vision", dest="freeze_vision", action="store_true", default=True,
+                   help="keep the CLIP tower frozen (default, as the seed)")
+    g.add_argument("--train-vision", dest="freeze_vision", action="store_false",
+                   help="train the CLIP tower too")
+    g.add_argument("--freeze-projector", action="store_true", help="keep the MLP projector frozen")
+    g.add_argument("--freeze-llm", action="store_true",
+                   help="keep the language model frozen (projector-only alignment stage)")
+    g.add_argument("--recompute-granularity", choices=["selective", "full"], default=None,
+                   help="activation recompute (the seed used gradient checkpointing = full)")
+    g.add_argument("--attention-backend", default="auto",
+                   help="packed-attention kernel (engine/model/attention.py); auto picks the fastest available")
+
+
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard norms/dropout activations along the sequence over the TP group")
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="shard optimizer state over data-parallel ranks (ZeRO-1)")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=True,
+                   help="overlap the gradient reduce-scatter/all-reduce with the backward pass")
+    g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False,
+                   help="overlap the distributed optimizer's parameter all-gather with the forward")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient bucket (default: mcore's)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="dataset prefixes (<prefix>.idx/.tokens.bin/.images.bin), optionally weighted: "
+                        "[w1] p1 [w2] p2 ...")
+    g.add_argument("--split", default="969,30,1",
+                   help="train,valid,test proportions of each dataset's documents (Megatron's)")
+    g.add_argument("--seq-length", type=int, default=4096,
+                   help="language-model positions per packed sample (an image counts as 576)")
+    g.add_argument("--max-num-images", type=int, default=12,
+                   help="images per document (the seed's mmc4_max_num_images); applied by "
+                        "tools/preprocess_interleaved.py --max-num-images and checked against the data at start")
+    g.add_argument("--max-images-per-sample", type=int, default=None,
+                   help="cap on images in one packed sample (default: only --seq-length limits them)")
+    g.add_argument("--packing-policy", choices=["split", "truncate"], default="split",
+                   help="a document longer than the room left: split it at a text position, or start "
+                        "a new sample (truncating documents longer than a whole sample)")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where packing/shuffle indices are cached (default: next to the data)")
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step; gradient accumulation = global / (micro x DP). "
+                        "Default: micro-batch-size x DP")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="alternative to --train-iters: total samples (rounded up to whole steps)")
+    g.add_argument("--seed", type=int, default=42, help="the seed's HF Trainer default")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit when iteration %% N == 0")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after this much wall time")
+    g.add_argument("--eval-interval", type=int, default=1000, help="0: no evaluation")
+    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+
+
+def _optimizer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.03,
+                   help="fraction of the decay iterations spent in linear warmup")
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="warmup iterations (instead of --lr-warmup-fraction)")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: the training iterations")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _precision_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 weights/activations with fp32 main weights; default: on with CUDA, "
+                        "off (fp32) on CPU")
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None, help="directory for distributed checkpoints")
+    g.add_argument("--load", default=None,
+                   help="resume from this directory (its latest checkpoint); may equal --save")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoint tensors in the background while training continues")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="model weights to start from (a converted LLaVA checkpoint); "
+                        "optimizer, schedule and data position start fresh")
+    g.add_argument("--no-load-optim", action="store_true", help="resume weights but not optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+
+
+def _logging_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-jsonl", default=None, help="append one JSON object per logged step here")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llava-pretrain",
+        description="Pretrain LLaVA on interleaved image-text data with megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML file with the same keys as these flags")
+    for add in (_model_flags, _parallel_flags, _data_flags, _training_flags, _optimizer_flags,
+                _precision_flags, _checkpoint_flags, _logging_flags):
+        add(p)
+    return p
+
+
+# --------------------------------------------------------------------------- YAML config file
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read a YAML config into {dest: value}, converted with each flag's own type."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    # Look keys up by flag name, so that 'train-vision: true' and 'freeze-vision: false' both
+    # land on dest freeze_vision with the right sign.
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    out = {}
+    for key, value in data.items():
+        where = f"{path}:{lines.get(key, '?')}"
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        action = actions.get(flag)
+        if action is None or action.dest in ("config", "help"):
+            raise ConfigError(f"{where}: unknown key {key!r} (keys are the flag names, e.g. 'lr', 'seq-length')")
+        out[action.dest] = _convert(action, flag, value, where)
+    return out
+
+
+def _convert(action: argparse.Action, flag: str, value, where: str) -> object:
+    key = flag[2:]
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false / BooleanOptional
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key!r} must be true or false, got {value!r}")
+        # 'train-vision: true' or 'no-bf16: true' set their dest to False.
+        negative = action.const is False or (action.const is None and flag.startswith("--no-"))
+        return (not value) if negative else value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(action, v, where, key) for v in items]
+    return _convert_one(action, value, where, key)
+
+
+def _convert_one(action: argparse.Action, value, where: str, key: str):
+    try:
+        value = action.type(value) if action.type is not None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key!r} has bad value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where}: {key!r} must be one of {sorted(action.choices)}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
+    """Flags (over an optional YAML config) → validated namespace. `world_size` defaults to
+    torchrun's WORLD_SIZE."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_config_defaults(parser, pre.config))
+    args = parser.parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world_size)
+    return args
+
+
+def validate_args(args: argparse.Namespace, world_size: int, check_paths: bool = True) -> None:
+    """Check the configuration and fill in the derived values; raises ConfigError."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor-parallel {tp} x pipeline-parallel {pp}")
+    args.world_size = world_size
+    args.data_parallel_size = dp = world_size // (tp * pp)
+
+    if args.micro_batch_size < 1:
+        raise ConfigError("--micro-batch-size must be >= 1")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp} (= {per_step}); choose a multiple of {per_step}")
+    args.num_microbatches = args.global_batch_size // per_step
+
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ConfigError("give exactly one of --train-iters and --train-samples")
+    if args.train_samples is not None:
+        args.train_iters = math.ceil(args.train_samples / args.global_batch_size)
+    if args.train_iters < 1:
+        raise ConfigError("--train-iters must be >= 1")
+
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # nothing to shard over, as Megatron does
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by TP {tp}")
+    if args.bf16 is None:
+        import torch
+
+        args.bf16 = torch.cuda.is_available()
+
+    model_cfg = model_config_from_args(args)
+    _check_model_layout(model_cfg, args)
+    args.model_config = model_cfg
+
+    _check_optimizer(args)
+    _check_intervals(args)
+    if args.max_num_images < 1 or (args.max_images_per_sample is not None and args.max_images_per_sample < 1):
+        raise ConfigError("--max-num-images and --max-images-per-sample must be >= 1")
+    args.data_blend = _parse_data_path(args.data_path, check_paths)
+    args.split_fractions = _parse_split(args.split)
+    # --load may name a directory that does not exist yet only when the run saves there (the
+    # usual `--save D --load D` of a job that resumes itself); otherwise it is a typo.
+    if check_paths and args.load and not Path(args.load).is_dir() and \
+            (not args.save or Path(args.load).resolve() != Path(args.save).resolve()):
+        raise ConfigError(f"--load {args.load}: no such directory")
+    if check_paths and args.pretrained_checkpoint and not Path(args.pretrained_checkpoint).is_dir():
+        raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no such directory")
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    overrides = {
+        k: getattr(args, k)
+        for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+        if getattr(args, k) is not None
+    }
+    try:
+        return get_preset(args.model, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--model {args.model} with overrides {overrides}: {e}") from None
+
+
+def _check_model_layout(cfg: ModelConfig, args: argparse.Namespace) -> None:
+    from engine.model.llava import validate_layout
+
+    try:
+        validate_layout(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        args.sequence_parallel)
+    except ValueError as e:
+        raise ConfigError(f"--model {cfg.name} with --tensor-model-parallel-size "
+                          f"{args.tensor_model_parallel_size} --pipeline-model-parallel-size "
+                          f"{args.pipeline_model_parallel_size}: {e}") from None
+    lang, vis = cfg.language, cfg.vision
+    if args.seq_length > lang.max_position_embeddings:
+        raise ConfigError(
+            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+            f"{lang.max_position_embeddings} (preset {cfg.name})")
+    if args.seq_length < vis.tokens_per_image + 2:
+        raise ConfigError(
+            f"--seq-length {args.seq_length} cannot hold one image ({vis.tokens_per_image} positions) plus text")
+    if args.freeze_vision and args.freeze_projector and args.freeze_llm:
+        raise ConfigError("everything is frozen (--freeze-vision, --freeze-projector, --freeze-llm): nothing to train")
+    if args.recompute_granularity is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--recompute-granularity needs CUDA (mcore's recompute saves the CUDA RNG state)")
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ConfigError(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr}) and --lr > 0")
+    if not 0.0 <= args.lr_warmup_fraction < 1.0:
+        raise ConfigError(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ConfigError(
+            f"warmup ({args.lr_warmup_iters} iterations) must be shorter than the decay span "
+            f"({args.lr_decay_iters} iterations)")
+    if args.clip_grad < 0 or args.weight_decay < 0:
+        raise ConfigError("--clip-grad and --weight-decay must be >= 0")
+
+
+def _check_intervals(args: argparse.Namespace) -> None:
+    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_interval < 0 or args.eval_iters < 0:
+        raise ConfigError("--eval-interval and --eval-iters must be >= 0 (0 turns evaluation off)")
+    if args.save_interval and not args.save:
+        raise ConfigError("--save-interval needs --save DIR")
+    if args.keep_last and not args.save:
+        raise ConfigError("--keep-last needs --save DIR")
+
+
+def _parse_data_path(items: list[str] | None, check_paths: bool) -> list[tuple[float, str]]:
+    """Megatron's `p` or `w1 p1 w2 p2 ...` → [(weight, prefix)], weights normalised."""
+    from engine.data.dataset import parse_data_path
+
+    if not items:
+        raise ConfigError("--data-path is required: one dataset prefix (or weight/prefix pairs) made by "
+                          "tools/preprocess_interleaved.py")
+    try:
+        prefixes, weights = parse_data_path(items)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for prefix in prefixes:
+        if check_paths and not Path(prefix + ".idx").is_file():
+            raise ConfigError(
+                f"--data-path {prefix}: {prefix}.idx not found (give the prefix written by "
+                f"tools/preprocess_interleaved.py --output-prefix)")
+    total = sum(weights)
+    return [(w / total, p) for w, p in zip(weights, prefixes)]
+
+
+def _parse_split(split: str) -> list[float]:
+    from engine.data.dataset import parse_split
+
+    try:
+        parts = parse_split(split)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if parts[0] <= 0:
+        raise ConfigError(f"--split {split!r}: the train share must be positive")
+    return parts

@@ -1,0 +1,367 @@
+"""megatron-core distributed checkpoints: save atomically, resume exactly, reshard freely.
+
+Layout of a save directory (Megatron's):
+
+    <save>/iter_0000100/               one dist_checkpointing directory per saved iteration
+    <save>/latest_checkpointed_iteration.txt   the tracker: the newest *complete* iteration
+
+A save writes `<save>/.tmp_iter_0000100`, renames it once every rank has written its shards, and
+only then rewrites the tracker (itself via a temporary file and os.replace). A crash at any
+point therefore leaves the previous checkpoint as the one a resume finds.
+
+What a checkpoint holds:
+- `model`: the model's sharded state dict (ShardedTensors with global shapes: a resume may use
+  another TP/PP layout), `optimizer`: the distributed optimizer's state in the model-space
+  layout (reshardable too), `scheduler`: the LR schedule,
+- `iteration`, `consumed_samples` (the data position: the sampler restarts there),
+- `rng`: each rank's Python/NumPy/torch (+CUDA, + mcore tracker) RNG states, keyed by its
+  (pipeline, tensor, data) coordinates; restored only when the layout is unchanged,
+- `model_config` and `layout`, checked before anything is loaded so that a checkpoint of another
+  model shape fails with a message naming the differing fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from engine.config import ModelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state is saved in the model's own layout ("fully reshardable"), so
+# a resume may change TP, PP and DP (Megatron's default "dp_reshardable" only allows DP). To get
+# there each DP group gathers its shards on its DP rank 0 over gloo, which then holds its model
+# shard's fp32 weights and Adam moments in host memory while saving (12 bytes per parameter of
+# the shard: 84 GB for 7B at TP=PP=1). "mem_efficient" = that gloo gather instead of an NCCL
+# all-gather onto every rank.
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
+                  "distrib_optim_fully_reshardable_mem_efficient": True}
+
+# Fields whose change alters parameter shapes: a checkpoint that differs in any cannot be loaded.
+_SHAPE_FIELDS = {
+    "language": ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "vocab_size", "untie_embeddings"),
+    "vision": ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+               "patch_size", "image_size"),
+    "projector": ("kind",),
+}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: str | Path) -> int | None:
+    """The newest complete iteration saved under `root`, or None when there is none."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+# --------------------------------------------------------------------------- state pieces
+
+
+def _layout() -> dict:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data) -> ShardedObject:
+    """One object per rank, at its (pp, tp, dp) coordinate of the layout."""
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_data_parallel_world_size())
+    offset = (parallel_state.get_pipeline_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", data, shape, offset, replica_id=0)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """torch's Adam creates its state at the first step; mcore's DistributedOptimizer without
+    TE/apex reads that state (its 'step' above all) to describe what it will load. Before a
+    resume the state is therefore created as Adam would (zeros, step 0); loading overwrites it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or not isinstance(inner, torch.optim.Adam) or len(inner.state):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
+
+
+def _keep_adam_step_on_load() -> None:
+    """mcore 0.19.2 bug with torch's Adam (no TE/apex, e.g. CPU, or GPUs without TE): loading
+    reshardable optimizer state copies every tensor of the parameter's Adam state from the
+    checkpoint, 'step' included, but the checkpoint restores 'step' through the param groups and
+    leaves it out of the per-parameter tensors (KeyError: 'step'). Give the copy the parameter's
+    own step, so that copy is a no-op. Idempotent."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_keeps_adam_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if isinstance(step, torch.Tensor):
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    set_states._keeps_adam_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """mcore 0.19.2 bug with torch's Adam: loading puts ONE 'step' tensor into every parameter's
+    state, and torch's Adam increments each parameter's step in place, so after a resume the shared
+    counter ran ahead by the number of parameters per step (wrong bias correction). Give each
+    parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or not isinstance(inner, torch.optim.Adam):
+            continue
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _state_dict(model, optimizer, scheduler, *, loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+    model_sd = _unwrap(model).sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer and optimizer is not None:
+        if loading:
+            _materialize_adam_state(optimizer)
+            _keep_adam_step_on_load()
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIM_SHARDING)
+    if with_rng:
+        state["rng"] = _rng_sharded_object(None if loading else _rng_state())
+    return state
+
+
+# --------------------------------------------------------------------------- save
+
+
+class Saver:
+    """Saves checkpoints under one root; with `async_save` the tensor writes run in the background
+    and the rename + tracker update happen when they complete (`finalize`)."""
+
+    def __init__(self, root: str | Path, keep_last: int | None = None, async_save: bool = False,
+                 log=print):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.async_queue = None
+        self.log = log
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+
+    def save(self, iteration: int, model, optimizer, scheduler, consumed_samples: int,
+             model_config: ModelConfig, args_dict: dict | None = None) -> None:
+        start = time.perf_counter()
+        self.finalize(blocking=True)  # never two saves in flight
+        tmp = self.root / f".tmp_iter_{iteration:07d}"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+
+        state = _state_dict(model, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True)
+        state.update(
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            iteration=iteration,
+            consumed_samples=consumed_samples,
+            model_config=dataclasses.asdict(model_config),
+            layout=_layout(),
+            args=args_dict or {},
+        )
+        asynchronous = {"async_sharded_save": True, "async_strategy": "mcore"} if self.async_queue else {}
+        request = dist_checkpointing.save(state, str(tmp), content_metadata=dict(OPTIM_SHARDING), **asynchronous)
+
+        def publish():
+            _barrier()  # every rank's shards are on disk
+            if _rank() == 0:
+                self._publish(tmp, iteration)
+            _barrier()
+            self.log(f"saved checkpoint {iteration_dir(self.root, iteration)} "
+                     f"in {time.perf_counter() - start:.1f} s")
+
+        if request is None:
+            publish()
+        else:
+            request.add_finalize_fn(publish)
+            self.async_queue.schedule_async_request(request)
+
+    def finalize(self, blocking: bool = False) -> None:
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+            self.async_queue.close()
+
+    def _publish(self, tmp: Path, iteration: int) -> None:
+        final = iteration_dir(self.root, iteration)
+        if final.exists():  # saving the same iteration again (e.g. after a resume)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        tracker_tmp = self.root / (TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, self.root / TRACKER)
+        if self.keep_last:
+            saved = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
+            for old in saved[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path | None:
+    """A save root (newest complete iteration via its tracker) or one checkpoint directory."""
+    path = Path(path)
+    if (path / TRACKER).is_file():
+        return iteration_dir(path, read_tracker(path))
+    if (path / "metadata.json").is_file():
+        return path
+    return None
+
+
+def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
+    """Raise CheckpointError naming every shape-relevant field that differs."""
+    now = dataclasses.asdict(current)
+    diffs = []
+    for part, fields in _SHAPE_FIELDS.items():
+        for name in fields:
+            old, new = saved.get(part, {}).get(name), now[part][name]
+            if old != new:
+                diffs.append(f"{part}.{name}: checkpoint {old!r}, this run {new!r}")
+    if saved.get("image_token_id", now["image_token_id"]) != now["image_token_id"]:
+        diffs.append(f"image_token_id: checkpoint {saved['image_token_id']!r}, this run {now['image_token_id']!r}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} was saved for a different model (preset {saved.get('name')!r}) "
+            f"than this run's (preset {current.name!r}):\n  " + "\n  ".join(diffs))
+
+
+def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config: ModelConfig, *,
+                    load_optimizer: bool = True, load_rng: bool = True, log=print) -> tuple[int, int]:
+    """Resume from the newest checkpoint under `root`. Returns (iteration, consumed_samples);
+    (0, 0) when `root` holds no checkpoint yet (a fresh run that saves there)."""
+    ckpt = resolve_checkpoint_dir(root)
+    if ckpt is None:
+        log(f"no checkpoint under {root}: starting from scratch")
+        return 0, 0
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{Path(root) / TRACKER} points at {ckpt.name}, which does not exist")
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    if "model_config" not in common:
+        raise CheckpointError(f"{ckpt} is not a checkpoint of this trainer (no model_config)")
+    check_compatible(common["model_config"], model_config, ckpt)
+    if load_optimizer and common.get("optimizer") is None:
+        raise CheckpointError(
+            f"{ckpt} holds model weights only (e.g. written by tools/convert_checkpoint.py): start "
+            "from it with --pretrained-checkpoint, or pass --no-load-optim to resume its weights")
+    same_layout = common.get("layout") == _layout()
+    with_rng = load_rng and same_layout
+    if load_rng and not same_layout:
+        log(f"checkpoint layout {common.get('layout')} differs from this run's {_layout()}: "
+            "RNG states start fresh (weights, optimizer, schedule and data position are restored)")
+
+    state = _state_dict(model, optimizer, scheduler, loading=True,
+                        with_optimizer=load_optimizer, with_rng=with_rng)
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    _unwrap(model).load_state_dict(loaded["model"], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
+        if scheduler is not None and common.get("scheduler") is not None:
+            scheduler.load_state_dict(common["scheduler"])
+    else:
+        optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
+    if with_rng:
+        _set_rng_state(loaded["rng"])
+    log(f"resumed from {ckpt} (iteration {common['iteration']}, consumed samples {common['consumed_samples']})")
+    return int(common["iteration"]), int(common["consumed_samples"])
+
+
+def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfig, log=print) -> None:
+    """Model weights only (e.g. a converted LLaVA checkpoint): the run starts at iteration 0."""
+    ckpt = resolve_checkpoint_dir(path)
+    if ckpt is None:
+        raise CheckpointError(
+            f"--pretrained-checkpoint {path}: neither a save directory ({TRACKER}) nor a "
+            "distributed checkpoint (metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    if "model_config" in common:
+        check_compatible(common["model_config"], model_config, ckpt)
+    state = {"model": _unwrap(model).sharded_state_dict()}
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    _unwrap(model).load_state_dict(loaded["model"], strict=True)
+    optimizer.reload_model_params()
+    log(f"loaded pretrained weights from {ckpt}")

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make quickstart`: preprocess the bundled sample corpus, look at it, train the tiny preset for a
+# few dozen steps (CPU, or the GPU when there is one) with checkpoints, resume once from the last
+# checkpoint, and say where everything went.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+OUT=${OUT:-out/quickstart}
+ITERS=${ITERS:-40}
+DATA=$OUT/data/textbook
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+echo "== 1/4 preprocess examples/data/textbook_sample.jsonl -> $DATA"
+TOKENIZER=$("$PY" -c 'import mistral_common, pathlib; print(pathlib.Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")')
+"$PY" tools/preprocess_interleaved.py --input examples/data/textbook_sample.jsonl \
+    --image-root examples/data/images --tokenizer-model "$TOKENIZER" --output-prefix "$DATA" \
+    --workers 2 --no-progress
+
+echo "== 2/4 dataset summary"
+"$PY" tools/inspect_dataset.py "$DATA" --seq-length 1536
+
+DEVICE=$("$PY" -c 'import torch; print("one GPU" if torch.cuda.is_available() else "CPU (gloo)")')
+echo "== 3/4 train the tiny preset for $ITERS steps on $DEVICE"
+TRAIN=(-m engine.pretrain --config examples/configs/tiny.yaml --data-path "$DATA"
+       --save "$OUT/ckpt" --load "$OUT/ckpt" --log-jsonl "$OUT/train.jsonl")
+"$PY" "${TRAIN[@]}" --train-iters "$((ITERS / 2))" --lr-decay-iters "$ITERS"
+
+echo "== 4/4 resume from the checkpoint and finish"
+"$PY" "${TRAIN[@]}" --train-iters "$ITERS" --lr-decay-iters "$ITERS"
+
+echo
+echo "Everything is under $OUT:"
+echo "  dataset      $DATA.{idx,tokens.bin,images.bin} (+ $DATA.summary.json, packing indices in $OUT/data)"
+echo "  checkpoints  $OUT/ckpt/ (newest: iter_$(printf %07d "$(cat "$OUT/ckpt/latest_checkpointed_iteration.txt")"))"
+echo "  metrics      $OUT/train.jsonl (one JSON object per logged step)"
+"$PY" - "$OUT/train.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+train = [r for r in rows if r["kind"] == "train"]
+valid = [r for r in rows if r["kind"] == "valid"]
+print(f"  loss         {train[0]['loss']:.3f} (iteration {train[0]['iteration']}) -> "
+      f"{train[-1]['loss']:.3f} (iteration {train[-1]['iteration']})"
+      + (f"; validation {valid[0]['loss']:.3f} -> {valid[-1]['loss']:.3f}" if valid else ""))
+PYEOF

@@ -1,0 +1,111 @@
+"""Flags, YAML config files and start-up validation: a bad configuration fails before any process
+group or model exists, with a message that names the flag (or file:line) and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.training.arguments import ConfigError, parse_args
+from engine.training.pretrain import check_data, main
+
+
+def _args(data: str, *extra, world_size: int = 1):
+    return parse_args(["--model", "tiny", "--data-path", data, "--seq-length", "1536", "--train-iters", "100",
+                       "--split", "80,20,0", *map(str, extra)], world_size=world_size)
+
+
+def test_defaults_reproduce_the_seed_recipe(tiny_dataset):
+    args = parse_args(["--data-path", tiny_dataset, "--train-iters", "1000"], world_size=8)
+    assert args.model == "llava-1.5-7b" and args.model_config.name == "llava-1.5-7b"
+    assert args.lr == 2e-5 and args.min_lr == 0.0
+    assert args.lr_decay_style == "constant"
+    assert args.lr_warmup_iters == 30  # 3 % of 1000
+    assert args.weight_decay == 0.0
+    assert (args.adam_beta1, args.adam_beta2, args.clip_grad) == (0.9, 0.999, 1.0)
+    assert args.bf16 == torch.cuda.is_available()
+    assert args.freeze_vision and not args.freeze_projector and not args.freeze_llm
+    assert args.max_num_images == 12
+    assert args.use_distributed_optimizer and args.overlap_grad_reduce
+    assert (args.data_parallel_size, args.global_batch_size, args.num_microbatches) == (8, 8, 1)
+
+
+def test_yaml_config_and_flags_that_override_it(tiny_dataset, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model: tiny\n"
+        "seq_length: 1536\n"            # underscores and dashes both work
+        "micro-batch-size: 2\n"
+        "global-batch-size: 8\n"
+        "lr: 1e-4\n"                     # YAML reads this as a string; the flag's type converts it
+        "train-vision: true\n"           # the negative spelling of freeze-vision
+        "no-overlap-grad-reduce: true\n"
+        f"data-path: [{tiny_dataset}]\n"
+        "train-iters: 10\n")
+    args = parse_args(["--config", str(cfg), "--lr", "3e-4"], world_size=2)
+    assert args.model_config.name == "tiny" and args.seq_length == 1536
+    assert args.lr == 3e-4  # the flag wins
+    assert args.freeze_vision is False and args.overlap_grad_reduce is False
+    assert (args.data_parallel_size, args.num_microbatches) == (2, 2)  # 8 = 2 x 2 DP x 2 steps
+
+
+def test_yaml_unknown_key_names_file_and_line(tiny_dataset, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: tiny\nlearning-rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: unknown key 'learning-rate'"):
+        parse_args(["--config", str(cfg), "--data-path", tiny_dataset, "--train-iters", "1"])
+    cfg.write_text("micro-batch-size: two\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:1: 'micro-batch-size' has bad value 'two'"):
+        parse_args(["--config", str(cfg), "--data-path", tiny_dataset, "--train-iters", "1"])
+
+
+def test_global_batch_must_divide_by_micro_batch_times_dp(tiny_dataset):
+    with pytest.raises(ConfigError, match=r"--global-batch-size 6 is not divisible by --micro-batch-size 2 "
+                                          r"x data-parallel size 2 \(= 4\)"):
+        _args(tiny_dataset, "--micro-batch-size", 2, "--global-batch-size", 6, world_size=2)
+    args = _args(tiny_dataset, "--micro-batch-size", 2, "--global-batch-size", 8, world_size=2)
+    assert args.num_microbatches == 2
+
+
+def test_missing_or_wrong_data_path(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="--data-path is required"):
+        parse_args(["--model", "tiny", "--seq-length", "1536", "--train-iters", "1"])
+    with pytest.raises(ConfigError, match=r"nowhere\.idx not found"):
+        _args(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="weight/prefix pairs"):
+        parse_args(["--data-path", "0.5", tiny_dataset, "0.5", "--train-iters", "1"])
+
+
+def test_layout_and_length_checks(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by tensor_model_parallel_size=8"):
+        _args(tiny_dataset, "--tensor-model-parallel-size", 8, world_size=8)
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        _args(tiny_dataset, "--tensor-model-parallel-size", 2, world_size=3)
+    with pytest.raises(ConfigError, match="exactly one of --train-iters and --train-samples"):
+        _args(tiny_dataset, "--train-samples", 10)
+    with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 4096"):
+        parse_args(["--data-path", tiny_dataset, "--seq-length", "8192", "--train-iters", "1"])
+    with pytest.raises(ConfigError, match="--load .*: no such directory"):
+        _args(tiny_dataset, "--load", tmp_path / "typo", "--save", tmp_path / "ckpt")
+    # --load naming the (not yet existing) --save directory is the self-resuming job: fine.
+    _args(tiny_dataset, "--load", tmp_path / "ckpt", "--save", tmp_path / "ckpt")
+
+
+def test_data_that_does_not_match_the_flags(tiny_dataset):
+    check_data(_args(tiny_dataset))  # documents of 1-2 images, --max-num-images 12
+    with pytest.raises(ConfigError, match=r"documents hold up to 2 images but --max-num-images is 1; "
+                                          r"preprocess with tools/preprocess_interleaved.py --max-num-images 1"):
+        check_data(_args(tiny_dataset, "--max-num-images", 1))
+
+
+def test_cli_reports_bad_configuration_with_exit_status_2(tiny_dataset, capsys):
+    assert main(["--model", "tiny", "--data-path", tiny_dataset, "--train-iters", "5", "--seq-length", "1536",
+                 "--global-batch-size", "3", "--micro-batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llava-pretrain: error: --global-batch-size 3 is not divisible")
+
+
+def test_split_that_leaves_a_split_empty(tiny_dataset):
+    with pytest.raises(ConfigError, match=r"has 16 documents: --split 99,1,0 leaves 16 for training and 0 for validation"):
+        check_data(_args(tiny_dataset, "--split", "99,1,0", "--eval-interval", 10))
+    check_data(_args(tiny_dataset, "--split", "99,1,0", "--eval-interval", 0))  # no evaluation: fine
