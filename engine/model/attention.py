@@ -14,8 +14,8 @@ its local `DotProductAttention` materialises [b, h, s, s] scores and rejects pac
 
 Every backend first checks whether all documents of the micro-batch have the same length (one
 document per row is the common case): then the packed tensor is just a [n, L] batch and one causal
-SDPA call runs the cuDNN/flash kernel, which on an H100 is ~1.6x faster than varlen for the same
-work. The lengths come from the host copy of `cu_seqlens`, so this check never syncs the device.
+SDPA call runs torch's default pick (cuDNN on an H100), about twice as fast as varlen for the same
+work (fwd+bwd, 32 heads of 128, bf16, H100: 4x1024 197 vs 103 TFLOP/s, 1x4096 397 vs 198). The lengths come from the host copy of `cu_seqlens`, so this check never syncs the device.
 
 Attention never crosses a document boundary: each segment of `cu_seqlens` is its own causal
 sequence. The vision tower's attention is dense and bidirectional over 577 tokens (one image per

@@ -26,8 +26,6 @@ mcore's schedules `seq_length, micro_batch_size = pipeline_shape(B, S)`.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,10 +44,6 @@ from engine.model import specs
 from engine.model.attention import PackedDocuments, select_attention_backend
 from engine.model.vision import CLIPVisionTower
 from engine.platform import setup_platform
-
-log = logging.getLogger(__name__)
-
-BATCH_KEYS = ("tokens", "labels", "position_ids", "cu_seqlens", "images", "image_offsets")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -87,7 +81,7 @@ def _parallel_sizes() -> tuple[int, int]:
 
 
 def _common(params_dtype: torch.dtype, bf16: bool, **overrides) -> dict:
-    tp, pp = _parallel_sizes()
+    tp, _ = _parallel_sizes()
     cuda = setup_platform().device == "cuda"
     return dict(
         tensor_model_parallel_size=tp,
