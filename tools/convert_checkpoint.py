@@ -181,7 +181,7 @@ def run_import(kind: str, source: str | Path, target: str | Path, tp: int = 1, p
                   "trainer_flags": trainer_flags(cfg)}
         if spec["verify_input"] is not None:
             report["engine_logits"] = torch.load(spec["engine_logits"])
-            report["max_logit_diff"] = _verify_against_source(src, spec, dtype, log)
+            report.update(_verify_against_source(src, spec, dtype, log))
     report["seconds"] = round(time.perf_counter() - start, 1)
     flags = report["trainer_flags"]
     log(f"done in {report['seconds']} s. Train from it with: "
@@ -190,18 +190,23 @@ def run_import(kind: str, source: str | Path, target: str | Path, tp: int = 1, p
     return report
 
 
-def _verify_against_source(src, spec: dict, dtype: str, log) -> float:
+def _verify_against_source(src, spec: dict, dtype: str, log) -> dict:
     """The source as a transformers model, on the input the engine ranks ran."""
-    from engine.convert.verify import hf_logits, max_logit_difference, reference_model
+    from engine.convert.verify import reference_model
+
+    return _compare(reference_model(src, parse_dtype(dtype)), spec, log)
+
+
+def _compare(hf_model, spec: dict, log) -> dict:
+    from engine.convert.verify import compare_logits, hf_logits
 
     tokens, images, _ = torch.load(spec["verify_input"])
     engine = torch.load(spec["engine_logits"])
-    model = reference_model(src, parse_dtype(dtype))
-    ref = hf_logits(model, tokens, images)
-    diff = max_logit_difference(engine, ref)
-    log(f"verify: {tokens.numel()} positions, {images.size(0)} images: max |logit difference| = {diff:.3g} "
-        f"(logits up to {ref.abs().max().item():.3g})")
-    return diff
+    result = compare_logits(engine, hf_logits(hf_model, tokens, images))
+    log(f"verify: {tokens.numel()} positions, {images.size(0)} images: max |logit difference| "
+        f"{result['max_logit_diff']:.3g} (mean {result['mean_logit_diff']:.3g}, logits up to "
+        f"{result['max_abs_logit']:.3g}), same top-1 token at {100 * result['top1_agreement']:.2f} % of positions")
+    return result
 
 
 # ------------------------------------------------------------------------------ export
@@ -272,25 +277,16 @@ def run_export(source: str | Path, target: str | Path, *, dtype: str = "bf16", t
         report = {"target": str(target), "model": cfg.name, "dtype": dtype}
         if spec["verify_input"] is not None:
             report["engine_logits"] = torch.load(spec["engine_logits"])
-            report["max_logit_diff"] = _verify_export(target, spec, dtype, log)
+            report.update(_verify_export(target, spec, dtype, log))
     report["seconds"] = round(time.perf_counter() - start, 1)
     log(f"done in {report['seconds']} s: {target}")
     return report
 
 
-def _verify_export(target: Path, spec: dict, dtype: str, log) -> float:
+def _verify_export(target: Path, spec: dict, dtype: str, log) -> dict:
     from transformers import LlavaForConditionalGeneration
 
-    from engine.convert.verify import hf_logits, max_logit_difference
-
-    tokens, images, _ = torch.load(spec["verify_input"])
-    engine = torch.load(spec["engine_logits"])
-    model = LlavaForConditionalGeneration.from_pretrained(target, dtype=parse_dtype(dtype)).eval()
-    ref = hf_logits(model, tokens, images)
-    diff = max_logit_difference(engine, ref)
-    log(f"verify: {tokens.numel()} positions, {images.size(0)} images: max |logit difference| = {diff:.3g} "
-        f"(logits up to {ref.abs().max().item():.3g})")
-    return diff
+    return _compare(LlavaForConditionalGeneration.from_pretrained(target, dtype=parse_dtype(dtype)).eval(), spec, log)
 
 
 # ------------------------------------------------------------------------------ command line

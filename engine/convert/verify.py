@@ -139,8 +139,13 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
         raise RuntimeError(f"buffers still on the meta device: {left}")
 
 
-def max_logit_difference(a: Tensor, b: Tensor) -> float:
-    """Largest absolute difference over the vocabulary columns both have (the engine pads its
-    vocabulary; the extra columns are not part of the Hugging Face model it came from)."""
+def compare_logits(a: Tensor, b: Tensor) -> dict:
+    """Largest and mean absolute difference, and how often the top-1 token agrees, over the
+    vocabulary columns both have (the engine pads its vocabulary; the extra columns are not
+    part of the Hugging Face model it came from)."""
     v = min(a.size(-1), b.size(-1))
-    return (a[..., :v] - b[..., :v]).abs().max().item()
+    a, b = a[..., :v].float(), b[..., :v].float()
+    diff = (a - b).abs()
+    return {"max_logit_diff": diff.max().item(), "mean_logit_diff": diff.mean().item(),
+            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+            "max_abs_logit": b.abs().max().item()}
