@@ -92,6 +92,17 @@ class Settings:
 # ------------------------------------------------------------------------------ documents
 
 
+def _check_text(value, where: str) -> None:
+    """A text segment must be a string of valid Unicode: JSON's \\ud800 escapes decode to lone
+    surrogates, which no tokenizer (nor UTF-8) can take."""
+    if not isinstance(value, str):
+        raise DocumentError("bad_field", f"{where} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DocumentError("bad_field", f"{where} is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
 def _list_field(rec: dict, name: str) -> list:
     if name not in rec:
         raise DocumentError("bad_field", f"missing field {name!r}")
@@ -121,8 +132,7 @@ def obelics_segments(rec: dict, text_field: str) -> tuple[list[str | None], list
         if img is None and txt is None:
             raise DocumentError("neither_image_nor_text", f"position {i} has neither an image nor a text")
         if txt is not None:
-            if not isinstance(txt, str):
-                raise DocumentError("bad_field", f"{text_field}[{i}] must be a string, got {type(txt).__name__}")
+            _check_text(txt, f"{text_field}[{i}]")
             segments.append(txt)
             continue
         if not isinstance(img, str) or not img:
@@ -139,8 +149,7 @@ def mmc4_segments(rec: dict) -> tuple[list[str | None], list[str]]:
 
     sentences, info = _list_field(rec, "text_list"), _list_field(rec, "image_info")
     for j, s in enumerate(sentences):
-        if not isinstance(s, str):
-            raise DocumentError("bad_field", f"text_list[{j}] must be a string, got {type(s).__name__}")
+        _check_text(s, f"text_list[{j}]")
     if not sentences and not info:
         raise DocumentError("empty_document", "the document is empty ('text_list' and 'image_info' are empty)")
     ids = rec.get("valid_image_ids", list(range(len(info))))
@@ -168,6 +177,8 @@ def mmc4_segments(rec: dict) -> tuple[list[str | None], list[str]]:
         if sim.shape != (len(info), len(sentences)):
             raise DocumentError("bad_field", f"'similarity_matrix' has shape {sim.shape}, expected "
                                              f"({len(info)}, {len(sentences)}) = (images, sentences)")
+        if not np.isfinite(sim).all():  # JSON parsers accept NaN and Infinity; the matching cannot
+            raise DocumentError("bad_field", "'similarity_matrix' holds NaN or infinite values")
         rows, cols = linear_sum_assignment(sim[ids], maximize=True)
         by_sentence = {int(c): refs[r] for r, c in zip(rows, cols)}
     segments, ordered = [], []
@@ -213,6 +224,12 @@ def resolve_image(ref: str, root: str) -> str:
     (``..``, absolute paths, symlinks)."""
     if "://" in ref:
         ref = _url_file_name(ref)
+    try:
+        ref.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DocumentError("bad_field", f"image path {ref!r} is not valid Unicode (a lone surrogate)") from None
+    if "\0" in ref:
+        raise DocumentError("bad_field", f"image path {ref!r} contains a NUL byte")
     real_root = os.path.realpath(root)
     path = os.path.realpath(os.path.join(real_root, ref))
     if os.path.commonpath([path, real_root]) != real_root:
@@ -247,6 +264,8 @@ def process_document(source_id: int, loc: int, root: str, payload: bytes | tuple
             rec = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DocumentError("malformed_json", f"not valid JSON: {e}") from None
+        except RecursionError:
+            raise DocumentError("malformed_json", "JSON nested too deeply to parse") from None
         if not isinstance(rec, dict):
             raise DocumentError("malformed_json", f"a document must be a JSON object, got {type(rec).__name__}")
         kind = detect_format(rec, s.doc_format)

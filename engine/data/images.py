@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -53,6 +54,13 @@ class ImageError(ValueError):
 def load_image(path: str | os.PathLike, *, size: int = 336, max_pixels: int = DEFAULT_MAX_PIXELS,
                draft: bool = True) -> Image.Image:
     """Open, decode (at a reduced JPEG scale where `draft`), orient and convert to RGB."""
+    try:  # Only regular files: opening a FIFO or a device for reading can block forever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError("unreadable_image", f"not a regular file: {path}")
+    except FileNotFoundError:
+        raise ImageError("missing_image", f"image file not found: {path}") from None
+    except (OSError, ValueError) as e:  # a symlink loop, no permission, a NUL in the name, ...
+        raise ImageError("unreadable_image", f"cannot open image file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         with warnings.catch_warnings():
             # Our own `max_pixels` check below replaces PIL's warning.
@@ -66,6 +74,8 @@ def load_image(path: str | os.PathLike, *, size: int = 336, max_pixels: int = DE
         raise ImageError("unreadable_image", f"not a readable image file (unknown format): {path}") from None
     except OSError as e:  # a directory, no permission, ...
         raise ImageError("unreadable_image", f"cannot open image file {path}: {e.strerror or e}") from None
+    except (SyntaxError, ValueError, EOFError) as e:  # a damaged header, a text chunk inflating past PIL's limit
+        raise ImageError("corrupt_image", f"truncated or corrupt image {path}: {e}") from None
     try:
         w, h = img.size
         if w * h > max_pixels:
@@ -141,15 +151,24 @@ def resize_and_crop(img: Image.Image, size: int = 336) -> Image.Image:
     return img
 
 
-def preprocess(img: Image.Image, size: int = 336) -> np.ndarray:
-    """An RGB PIL image -> uint8 [size, size, 3]: pad to square, resize, centre crop."""
-    return np.asarray(resize_and_crop(expand_to_square(to_rgb(img)), size))
+def preprocess(img: Image.Image, size: int = 336, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An RGB PIL image -> uint8 [size, size, 3]: pad to square, resize, centre crop.
+
+    The padded square is max(w, h)^2 pixels: a 1 x 60000 strip (a 200-byte PNG, far below any
+    pixel limit) would need 10 GB. When the square would exceed `max_pixels`, the picture is first
+    shrunk by an integer factor (box filter) to a long side of about 4 x `size`; every other image
+    takes the exact CLIP path."""
+    img = to_rgb(img)
+    side = max(img.size)
+    if side * side > max_pixels:
+        img = img.reduce(-(-side // (4 * size)))
+    return np.asarray(resize_and_crop(expand_to_square(img), size))
 
 
 def preprocess_file(path: str | os.PathLike, *, size: int = 336, max_pixels: int = DEFAULT_MAX_PIXELS,
                     draft: bool = True) -> np.ndarray:
     """An image file -> uint8 [size, size, 3], ready to store."""
-    return preprocess(load_image(path, size=size, max_pixels=max_pixels, draft=draft), size)
+    return preprocess(load_image(path, size=size, max_pixels=max_pixels, draft=draft), size, max_pixels)
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
