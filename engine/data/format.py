@@ -13,8 +13,10 @@ docs/data_format.md is the prose version of this file.
     image_crc32         uint32 [I]    crc32 of each image's bytes
 
 The header carries a crc32 of itself and one of the whole array region, both checked at open
-(the index is small next to the data); per-document and per-image crc32s are checked when a whole
-document or an image is read, so a flipped bit in the data is caught where it is used.
+(the index is small next to the data); per-document and per-image crc32s are checked when a
+document or an image is read, so a flipped bit in the data is caught where it is used. A partial
+read (a packed sample takes a slice of a long document) checks the whole document the first time
+this reader touches it.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ class IndexedDataset:
         if self.image_byte_offsets[0] != 0 or self.image_byte_offsets[-1] != images_bytes:
             raise FormatError(f"{idx}: image byte offsets do not span the {images_bytes} bytes of {self.images_path}")
         self._doc_lengths = self._doc_image_counts = None
+        self._doc_checked = None  # documents whose crc this reader has verified (for partial reads)
 
     @staticmethod
     def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
@@ -191,7 +194,8 @@ class IndexedDataset:
     def tokens(self, doc: int, start: int = 0, end: int | None = None) -> np.ndarray:
         """Tokens [start, end) of document `doc` (a read-only memmap slice).
 
-        Reading a whole document checks its crc32."""
+        Reading a whole document checks its crc32; a partial read checks the whole document's the
+        first time this reader reads from it (once, so slices of a long document stay cheap)."""
         doc = self._check_doc(doc)
         lo, hi = int(self.doc_token_offsets[doc]), int(self.doc_token_offsets[doc + 1])
         n = hi - lo
@@ -199,8 +203,13 @@ class IndexedDataset:
         if not 0 <= start <= end <= n:
             raise IndexError(f"token range [{start}, {end}) outside document {doc} of length {n}")
         out = self._tokens[lo + start : lo + end]
-        if start == 0 and end == n and zlib.crc32(out) != int(self.doc_token_crc32[doc]):
-            raise FormatError(f"{self.tokens_path}: document {doc} fails its checksum (the file is corrupt)")
+        whole = start == 0 and end == n
+        if self._doc_checked is None:
+            self._doc_checked = np.zeros(self.num_documents, dtype=bool)  # zero pages cost nothing
+        if whole or not self._doc_checked[doc]:
+            if zlib.crc32(out if whole else self._tokens[lo:hi]) != int(self.doc_token_crc32[doc]):
+                raise FormatError(f"{self.tokens_path}: document {doc} fails its checksum (the file is corrupt)")
+            self._doc_checked[doc] = True
         return out
 
     def doc_images(self, doc: int) -> range:
