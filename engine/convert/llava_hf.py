@@ -3,12 +3,12 @@
 Three things live here:
 
 * the config mapping `config.json` ⇄ `engine.config.ModelConfig` (and the preset it matches);
-* tensor-name conventions: the files on the Hub (and what `save_pretrained` writes, its
-  "original format") use `language_model.model.*`, `language_model.lm_head.weight`,
-  `vision_tower.vision_model.*`, `multi_modal_projector.*`; transformers 5 renames these in
-  memory to `model.language_model.*`, `lm_head.weight`, `model.vision_tower.*`,
-  `model.multi_modal_projector.*`. `hub_name` maps either spelling to the Hub one, which is the
-  one we write, since every transformers release (4.x and 5.x) loads it;
+* tensor-name conventions: the files on the Hub use `language_model.model.*`,
+  `language_model.lm_head.weight`, `vision_tower.vision_model.*`, `multi_modal_projector.*`
+  (`engine.convert.hf.LAYOUTS["llava-hf"]`); transformers 5 renames these in memory
+  (`LAYOUTS["transformers"]`) and its `save_pretrained` writes the Hub names except CLIP's
+  `vision_model.` level. `hub_name` maps any of these spellings to the Hub one, which is the one
+  we write, since every transformers release (4.x and 5.x) loads it;
 * the tokenizer / image-processor / processor files, so that `LlavaProcessor.from_pretrained`
   works on an exported directory.
 
@@ -23,11 +23,11 @@ reproduces the training-time preprocessing.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from pathlib import Path
 
 from engine.config import PRESETS, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
+from engine.convert.hf import LAYOUTS, Layout
 from engine.convert.io import CheckpointError, read_json
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -39,22 +39,33 @@ TRAINER_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attent
 
 # ------------------------------------------------------------------------------ tensor names
 
-_NAME_RULES = [  # transformers-5 in-memory spelling -> Hub spelling; first match wins
-    (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^model\.language_model\."), "language_model.model."),
-    (re.compile(r"^model\.vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),
-    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
-    # A transformers-5 `save_pretrained` drops CLIP's `vision_model.` level.
-    (re.compile(r"^vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),
-]
+# What a transformers-5 `save_pretrained` writes: Hub names, except that CLIP lost its
+# `vision_model.` level (the prefixes of the other layouts are in engine.convert.hf.LAYOUTS).
+SAVED_BY_TRANSFORMERS_5 = Layout("vision_tower.", ("multi_modal_projector.linear_1.", "multi_modal_projector.linear_2."),
+                                 "language_model.model.", "language_model.lm_head.")
+
+
+def relayout(name: str, src: Layout, dst: Layout) -> str | None:
+    """`name` of layout `src` spelled in layout `dst` (longest matching prefix wins, so that
+    e.g. original LLaVA's `model.mm_projector.0.` beats its `model.`); None if no prefix of
+    `src` matches or `dst` lacks that part."""
+    pairs = [(src.vision, dst.vision), (src.llm, dst.llm), (src.lm_head, dst.lm_head)]
+    if src.projector is not None:
+        pairs += list(zip(src.projector, dst.projector or (None, None)))
+    for prefix, target in sorted((p for p in pairs if p[0] is not None), key=lambda p: -len(p[0])):
+        if name.startswith(prefix):
+            return None if target is None else target + name[len(prefix):]
+    return None
 
 
 def hub_name(name: str) -> str:
-    """Any llava-hf spelling of a tensor name -> the Hub spelling."""
-    for pattern, repl in _NAME_RULES:
-        if pattern.match(name):
-            return pattern.sub(repl, name, count=1)
+    """Any llava-hf spelling of a tensor name (Hub files, transformers-5 memory or files) -> the
+    Hub one; names of no layout are returned unchanged."""
+    hub = LAYOUTS["llava-hf"]
+    for layout in (hub, LAYOUTS["transformers"], SAVED_BY_TRANSFORMERS_5):
+        new = relayout(name, layout, hub)
+        if new is not None:
+            return new
     return name
 
 

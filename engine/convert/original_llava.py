@@ -19,35 +19,28 @@ position); the engine's vocabulary gets one, see `Source._vocab_rows`.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig, ProjectorConfig
+from engine.convert.hf import LAYOUTS, Layout
 from engine.convert.io import CheckpointError, WeightReader, read_json
-from engine.convert.llava_hf import complete_config, language_config_from_llama, named, vision_config_from_clip
+from engine.convert.llava_hf import (complete_config, language_config_from_llama, named, relayout,
+                                     vision_config_from_clip)
 from engine.convert.sources import Source
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 
-_LLM_RULES = [  # original LLaVA / LLaMA name -> llava-hf Hub name
-    (re.compile(r"^model\.mm_projector\.0\."), "multi_modal_projector.linear_1."),
-    (re.compile(r"^model\.mm_projector\.2\."), "multi_modal_projector.linear_2."),
-    (re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\."), "vision_tower.vision_model."),
-    (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^model\.(embed_tokens|layers|norm)\b"), r"language_model.model.\1"),
-]
-# Buffers some older LLaMA checkpoints store; they are recomputed from the config.
-_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
-
-
-def _rename(name: str, rules) -> str | None:
-    for pattern, repl in rules:
-        if pattern.match(name):
-            return pattern.sub(repl, name, count=1)
-    return None
-
+# Key prefixes (in the form of engine.convert.hf.LAYOUTS) of the checkpoints read here.
+# liuhaotian/llava-v1.5-*: mm_projector is Sequential(Linear, GELU, Linear); a tower trained with
+# LLaVA sits under model.vision_tower.vision_tower.
+ORIGINAL_LLAVA = Layout("model.vision_tower.vision_tower.vision_model.",
+                        ("model.mm_projector.0.", "model.mm_projector.2."), "model.", "lm_head.")
+LLAMA = Layout(llm="model.", lm_head="lm_head.")  # LlamaForCausalLM (Vicuna)
+CLIP = Layout(vision="vision_model.")  # CLIPModel (openai/clip-vit-large-patch14-336), transformers-4 CLIPVisionModel
+CLIP_VISION_5 = Layout(vision="")  # CLIPVisionModel as transformers 5 writes it
+_CLIP_OTHER = ("text_model", "visual_projection", "text_projection", "logit_scale")  # CLIPModel's text half
 
 def read_clip_vision_config(directory: Path) -> dict:
     """The vision half of a CLIP checkpoint's config (a CLIPModel's or a CLIPVisionModel's)."""
@@ -67,13 +60,15 @@ class _ClipTower:
     def __init__(self, directory: Path):
         self.directory = directory
         self.reader = WeightReader(directory)
+        keys = self.reader.keys()
+        # A CLIPModel (openai/clip-vit-large-patch14-336) or a CLIPVisionModel of transformers 4
+        # has `vision_model.*`; a CLIPVisionModel written by transformers 5 has no such level.
+        layout = CLIP if any(k.startswith("vision_model.") for k in keys) else CLIP_VISION_5
         self.names = {}
-        for key in self.reader.keys():
-            if key.startswith("vision_model."):
-                self.names["vision_tower." + key] = key
-            elif key.split(".")[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
-                # a CLIPVisionModel written by transformers 5 (no `vision_model.` level)
-                self.names["vision_tower.vision_model." + key] = key
+        for key in keys:
+            new = relayout(key, layout, LAYOUTS["llava-hf"])
+            if new is not None and key.split(".")[0] not in _CLIP_OTHER:
+                self.names[new] = key
         if not self.names:
             raise CheckpointError(f"{directory}: no CLIP vision tensors (vision_model.*) in the checkpoint")
 
@@ -91,7 +86,7 @@ class OriginalLlavaSource(Source):
                 f"{path}: architectures {archs} is not {ARCHITECTURE} (for a LlavaForConditionalGeneration "
                 f"checkpoint use --from llava-hf; for a plain LLaMA use --from llama+clip)")
         self.llm = WeightReader(self.directory)
-        self._llm_names = self._map_llm(self.llm, has_projector=True)
+        self._llm_names = self._map_llm(self.llm, ORIGINAL_LLAVA)
         # The CLIP directory gives the tower's config, and its weights unless the LLaVA
         # checkpoint stores its own (a tower trained with LLaVA).
         self.tower = _ClipTower(self._vision_dir(config, vision_directory, path))
@@ -112,15 +107,12 @@ class OriginalLlavaSource(Source):
             f"{path}: mm_vision_tower {named_tower!r} is not a local directory; pass --vision-source DIR "
             f"(a local copy of that CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336)")
 
-    def _map_llm(self, reader: WeightReader, has_projector: bool) -> dict[str, str]:
+    def _map_llm(self, reader: WeightReader, layout: Layout) -> dict[str, str]:
+        """Hub name -> stored name."""
         names, unknown = {}, []
         for key in reader.keys():
-            if _IGNORED.search(key):
-                continue
-            new = _rename(key, _LLM_RULES)
+            new = relayout(key, layout, LAYOUTS["llava-hf"])
             if new is None:
-                unknown.append(key)
-            elif new.startswith("multi_modal_projector.") and not has_projector:
                 unknown.append(key)
             else:
                 names[new] = key
@@ -208,7 +200,7 @@ class LlamaClipSource(OriginalLlavaSource):
         if vision_directory is None:
             raise CheckpointError("--from llama+clip needs --vision-source DIR (a CLIP checkpoint)")
         self.llm = WeightReader(self.directory)
-        self._llm_names = self._map_llm(self.llm, has_projector=False)
+        self._llm_names = self._map_llm(self.llm, LLAMA)
         self.tower = _ClipTower(Path(vision_directory))
         # LLaVA-1.5's feature choice: the penultimate layer's patch tokens.
         self.config = self._build_config(config, str(path), select_layer=select_layer, drop_class_token=True,
