@@ -164,9 +164,7 @@ def run_engine(a: argparse.Namespace) -> dict:
         train_step(forward_step, it, model, optimizer, scheduler, args, device)
     _sync()
     elapsed = time.perf_counter() - t0
-    from engine.model import attention
-
-    backend = getattr(attention, "selected_backend", lambda: a.attention_backend)()
+    backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
     res = _result("engine", _config(a, cfg), a.steps, elapsed, counters["tokens"], counters["images"],
                   counters["flops"], counters["wait"],
                   {"attention_backend": backend, "transformer_engine": bool(info.has_te)})
