@@ -310,11 +310,14 @@ def main() -> None:
         rows.append(run_engine(a))
         print(json.dumps(rows[-1]), flush=True)
     if a.baseline == "hf":
+        oom = False
         try:
             rows.append(run_hf(a))
         except torch.OutOfMemoryError:
             if a.hf_gradient_checkpointing:
                 raise
+            oom = True  # retried below, once the failed attempt's frames (and tensors) are gone
+        if oom:
             # its best setting that fits: the seed's own gradient checkpointing
             print("# hf baseline: out of memory without recompute; retrying with gradient checkpointing",
                   flush=True)
