@@ -10,11 +10,15 @@ accumulation just takes several micro-steps per optimizer step.
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from engine.data.dataset import normalize_channels_first
+from engine.data.dataset import SampleError, normalize_channels_first
 
 
 class PretrainingSampler(torch.utils.data.Sampler[list[int]]):
@@ -128,12 +132,17 @@ def build_loader(dataset: torch.utils.data.Dataset, *, micro_batch_size: int, co
 
     `multiprocessing_context` ("fork", "forkserver", "spawn") defaults to torch's choice;
     datasets pickle cheaply (their memory maps are re-opened), so all of them work.
+
+    A worker that dies without a word (killed, out of memory, a crash in native code) raises
+    `WorkerDiedError` naming the sample it was building, when the training process next asks
+    for a batch.
     """
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
                                  data_parallel_size, drop_last)
     workers = num_workers > 0
-    return torch.utils.data.DataLoader(
-        _StoredImages(dataset) if hasattr(dataset, "get") else dataset,
+    dataset = _StoredImages(dataset) if hasattr(dataset, "get") else dataset
+    return _Loader(
+        _Tracked(dataset, num_workers) if workers else dataset,
         batch_sampler=sampler,
         collate_fn=collate if normalize_images else functools.partial(collate, normalize_images=False),
         num_workers=num_workers,
@@ -166,3 +175,109 @@ class _StoredImages(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         return self.dataset.get(k, normalize_images=False)
+
+
+class WorkerDiedError(RuntimeError):
+    """A DataLoader worker process died (SIGKILL, the out-of-memory killer, a crash in native
+    code) while building a sample; the message names the sample."""
+
+
+class _Tracked(torch.utils.data.Dataset):
+    """Records in shared memory which sample each worker is building, so that a worker that
+    dies without raising can still be named by the training process."""
+
+    def __init__(self, dataset, num_workers: int):
+        self.dataset = dataset
+        self.building = torch.full((num_workers, 2), -1, dtype=torch.int64).share_memory_()  # (pid, sample)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            self.building[worker.id] = torch.tensor([os.getpid(), k])
+        return self.dataset[k]
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """torch's DataLoader whose iterator turns a dead worker into a WorkerDiedError."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if not isinstance(self.dataset, _Tracked):
+            return batches
+        named = _NameDeadWorkers(batches, self.dataset)
+        if not getattr(self, "_sigchld_wrapped", False):
+            self._sigchld_wrapped = named.wrap_sigchld_handler()
+        return named
+
+
+def _exited(pid: int) -> bool:
+    """Has our child process `pid` ended? (Without reaping it: torch's own checks still see it.)"""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
+
+
+class _NameDeadWorkers:
+    """A worker's death reaches the training process in several forms (torch's "DataLoader worker
+    (pid N) exited unexpectedly", a connection reset while fetching a batch the dead worker had
+    shared, ...). Any error but a sample's own is checked against the workers' state."""
+
+    def __init__(self, batches, tracked: _Tracked):
+        self.batches, self.tracked = batches, tracked
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except (SampleError, StopIteration):
+            raise
+        except Exception as e:
+            dead = self._dead_workers()
+            if not dead:
+                raise
+            raise WorkerDiedError(self._explain(dead, e)) from e
+
+    def wrap_sigchld_handler(self) -> bool:
+        """torch's SIGCHLD handler raises "DataLoader worker (pid N) is killed by signal" wherever
+        the training process happens to be; wrapped, it raises the WorkerDiedError instead."""
+        torch_handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(torch_handler) or threading.current_thread() is not threading.main_thread():
+            return False
+
+        def handler(signum, frame):
+            try:
+                torch_handler(signum, frame)
+            except RuntimeError as e:
+                dead = self._dead_workers()
+                if not dead:
+                    raise
+                raise WorkerDiedError(self._explain(dead, e)) from e
+
+        signal.signal(signal.SIGCHLD, handler)
+        return True
+
+    def _dead_workers(self) -> dict[int, int]:
+        """{pid: sample it was building} of the workers that have ended."""
+        for _ in range(20):  # the error may arrive a moment before the process is gone
+            dead = {pid: k for pid, k in self.tracked.building.tolist() if pid > 0 and _exited(pid)}
+            if dead:
+                return dead
+            time.sleep(0.05)
+        return {}
+
+    def _explain(self, dead: dict[int, int], error: Exception) -> str:
+        dataset = self.tracked.dataset
+        if isinstance(dataset, _StoredImages):  # name the user's dataset
+            dataset = dataset.dataset
+        pid, k = next(iter(dead.items()))
+        return (f"DataLoader worker (pid {pid}) died while building sample {k} of {dataset!r}; rebuild it in "
+                f"this process (dataset[{k}], or --num-workers 0) to see why [{type(error).__name__}: {error}]")

@@ -59,3 +59,25 @@ def hang_guard(seconds: float, what: str):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class DyingDataset:
+    """Wraps a dataset; building sample `k` ends the worker process without a word: ``exit``
+    (os._exit, as a crash in native code does) or ``kill`` (SIGKILL, as the out-of-memory killer
+    does)."""
+
+    def __init__(self, dataset, k: int, how: str):
+        self.dataset, self.k, self.how = dataset, k, how
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        if k == self.k:
+            if self.how == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.dataset[k]
+
+    def __repr__(self) -> str:
+        return f"DyingDataset({self.dataset!r})"
