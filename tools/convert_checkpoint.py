@@ -31,6 +31,7 @@ one process per TP x PP rank, streaming one tensor at a time (a 7B model convert
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -75,12 +76,28 @@ def run_ranks(fn, world: int, spec: dict) -> None:
     os.environ.update(env)
     try:
         mp.start_processes(_rank_entry, args=(world, fn, spec), nprocs=world, join=True, start_method="spawn")
+    except mp.ProcessRaisedException as e:
+        # A rank met a bad source (e.g. a corrupt shard): report it as such, not as a crash.
+        last = str(e).strip().splitlines()[-1]
+        if "CheckpointError: " in last:
+            raise CheckpointError(f"rank {e.error_index}: {last.split('CheckpointError: ', 1)[1]}") from None
+        raise
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _removed_on_failure(target: Path):
+    """A failed conversion leaves no half-written target behind (it would block the next try)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 def _quiet_logs() -> None:
@@ -174,7 +191,8 @@ def run_import(kind: str, source: str | Path, target: str | Path, tp: int = 1, p
 
             spec["verify_input"] = os.path.join(tmp, "input.pt")
             torch.save(verify_input if verify_input is not None else random_interleaved_input(cfg), spec["verify_input"])
-        run_ranks(_import_rank, tp * pp, spec)
+        with _removed_on_failure(target):
+            run_ranks(_import_rank, tp * pp, spec)
         if src.tokenizer_path is not None:
             shutil.copy(src.tokenizer_path, target / "tokenizer.model")
         report = {"target": str(target), "model": cfg.name, "tp": tp, "pp": pp, "dtype": dtype,
@@ -273,7 +291,8 @@ def run_export(source: str | Path, target: str | Path, *, dtype: str = "bf16", t
 
             spec["verify_input"] = os.path.join(tmp, "input.pt")
             torch.save(verify_input if verify_input is not None else random_interleaved_input(cfg), spec["verify_input"])
-        run_ranks(_export_rank, 1, spec)
+        with _removed_on_failure(target):
+            run_ranks(_export_rank, 1, spec)
         report = {"target": str(target), "model": cfg.name, "dtype": dtype}
         if spec["verify_input"] is not None:
             report["engine_logits"] = torch.load(spec["engine_logits"])

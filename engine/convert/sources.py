@@ -87,6 +87,10 @@ class Source:
     def names(self) -> list[str]:
         return sorted(self._raw_names())
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape as stored (vocabulary rows included)."""
+        return self._raw_shape(name)
+
     def get(self, name: str) -> torch.Tensor:
         if name in VOCAB_TENSORS:
             return self._vocab_rows(name)

@@ -40,19 +40,19 @@ def random_interleaved_input(cfg: ModelConfig, seed: int = 0, num_images: int = 
 
 
 def engine_batch(tokens: Tensor, images: Tensor, offsets: Tensor) -> dict:
-    """The model's micro-batch (docs/internals.md) for one document per row."""
-    b, s = tokens.shape
-    labels = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
-    rows = torch.arange(b).repeat_interleave(len(offsets) // max(b, 1)) if b > 1 else torch.zeros_like(offsets)
+    """The model's micro-batch (docs/internals.md) holding one document, tokens [1, S]."""
+    if tokens.dim() != 2 or tokens.size(0) != 1:
+        raise ValueError(f"expected tokens of one document, shape [1, S]; got {tuple(tokens.shape)}")
+    s = tokens.size(1)
     return {
         "tokens": tokens,
-        "labels": labels,
-        "loss_mask": torch.ones(b, s, dtype=torch.float32),
-        "position_ids": torch.arange(s).repeat(b, 1),
-        "cu_seqlens": torch.arange(0, b * s + 1, s, dtype=torch.int32),
+        "labels": torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1),
+        "loss_mask": torch.ones(1, s, dtype=torch.float32),
+        "position_ids": torch.arange(s)[None],
+        "cu_seqlens": torch.tensor([0, s], dtype=torch.int32),
         "max_seqlen": s,
         "images": images,
-        "image_offsets": offsets + rows * s,
+        "image_offsets": offsets,
     }
 
 
@@ -111,8 +111,7 @@ def reference_model(source, dtype: torch.dtype = torch.float32):
 
     from engine.convert.llava_hf import hf_config, hub_name
 
-    vocab = source._raw_shape("language_model.lm_head.weight")[0]
-    vocab = max(vocab, source.config.language.vocab_size)
+    vocab = max(source.shape("language_model.lm_head.weight")[0], source.config.language.vocab_size)
     config = hf_config(source.config, str(dtype).removeprefix("torch."), vocab_size=vocab)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import get_preset
 from engine.convert.io import WeightReader
 from engine.convert.llava_hf import hub_name
 from tools.convert_checkpoint import main, run_export
@@ -145,4 +144,11 @@ def test_command_line_errors(llava_hf_dir, original_llava_dir, tmp_path, capsys)
     assert "not an engine checkpoint" in run("export", "--source", str(llava_hf_dir), "--target", str(tmp_path / "d"))
     assert "unknown dtype" in run("import", "--from", "llava-hf", "--source", str(llava_hf_dir),
                                   "--target", str(tmp_path / "e"), "--dtype", "int8")
-    assert get_preset("tiny").language.padded_vocab_size == 32064
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(original_llava_dir, broken)
+    (broken / "pytorch_model-00002-of-00002.bin").write_bytes(b"truncated download")
+    err = run("import", "--from", "llava", "--source", str(broken), "--target", str(tmp_path / "f"))
+    assert "pytorch_model-00002-of-00002.bin: cannot load" in err
+    assert not (tmp_path / "f").exists()
