@@ -234,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             from engine.platform import destroy_distributed
 
-            model, cfg = load_engine(args.checkpoint, dtype)
+            saved_port = os.environ.get("MASTER_PORT")
             try:
+                model, cfg = load_engine(args.checkpoint, dtype)
                 tokens, images, offsets = build_input(tokenizer, args.prompt, args.image,
                                                       cfg.vision.tokens_per_image, cfg.vision.image_size)
                 new = generate_engine(model, cfg, tokens, images, offsets, **decode)
             finally:
                 destroy_distributed()
+                if saved_port is None:
+                    os.environ.pop("MASTER_PORT", None)
         else:
             model, cfg = load_hf(args.hf_model, dtype)
             tokens, images, _ = build_input(tokenizer, args.prompt, args.image, cfg.vision.tokens_per_image,
