@@ -18,6 +18,13 @@ with the CLIP mean colour, then resizes the shortest side to 336 (bicubic) and c
 which skips the padding: non-square images are cropped instead, so the model sees less of them
 than in training. Our export writes a `LlavaImageProcessor` with `do_pad=True`, which
 reproduces the training-time preprocessing.
+
+Tokenization: the exported tokenizer encodes a prompt as one string, so the text right after an
+`<image>` continues without SentencePiece's dummy-prefix space ("<image>b" -> "b", not "▁b").
+Training documents, like LLaVA's `tokenizer_image_token`, encode the text between images chunk by
+chunk (engine/data/tokenizer.py); for token-exact inputs use `encode_document`, as
+tools/generate.py does. No chat template is written: the model is pretrained on documents, not
+conversations.
 """
 
 from __future__ import annotations

@@ -54,6 +54,32 @@ def test_llama_clip_gets_a_fresh_projector(llama_dir, clip_dir, llava_hf_dir):
     assert torch.equal(w, again) and not torch.equal(w, other)
 
 
+# config.json of llava-hf/llava-1.5-7b-hf as published: most LLaMA fields are left to defaults.
+LLAVA_15_7B_HF = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+
+
+def test_published_llava_config_is_the_7b_preset():
+    from engine.convert.llava_hf import model_config_from_hf
+
+    cfg = model_config_from_hf(LLAVA_15_7B_HF, "config.json")
+    assert cfg == get_preset("llava-1.5-7b") and trainer_flags(cfg) == "--model llava-1.5-7b"
+    scaled = {**LLAVA_15_7B_HF, "text_config": {**LLAVA_15_7B_HF["text_config"],
+                                                "rope_scaling": {"rope_type": "linear", "factor": 2.0}}}
+    with pytest.raises(CheckpointError, match="rope scaling"):
+        model_config_from_hf(scaled, "config.json")
+
+
 def test_preset_matching():
     assert match_preset(get_preset("tiny")) == ("tiny", {})
     assert trainer_flags(get_preset("llava-1.5-7b", num_layers=8)) in (
