@@ -144,7 +144,9 @@ PRESETS: dict[str, ModelConfig] = {
         language=LanguageConfig(hidden_size=5120, num_layers=40, num_attention_heads=40, ffn_hidden_size=13824),
     ),
     # 7B-shaped layers, fewer of them: fits one 80 GB GPU for throughput work (override num_layers).
-    "llava-7b-bench": ModelConfig("llava-7b-bench", language=LanguageConfig(num_layers=8)),
+    # Positions up to 8192 so the same preset measures seq 4096 and 8192 (RoPE needs no table).
+    "llava-7b-bench": ModelConfig(
+        "llava-7b-bench", language=LanguageConfig(num_layers=8, max_position_embeddings=8192)),
     # Tiny shapes, real vocabulary and real image geometry (576 tokens per 336x336 image):
     # CPU tests, the quickstart and CI.
     "tiny": ModelConfig(

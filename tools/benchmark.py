@@ -57,6 +57,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--matmul-ceiling", action="store_true", help="also measure the card's bf16 matmul rate")
     p.add_argument("--json-out", default=None)
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile one engine step: top kernels printed, trace to DIR")
     return p.parse_args()
 
 
@@ -114,7 +116,7 @@ def run_engine(a: argparse.Namespace) -> dict:
 
     flags = ["--model", a.preset, "--data-path", a.data_prefix, "--seq-length", str(a.seq_length),
              "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
-             "--train-iters", str(a.steps + a.warmup), "--eval-interval", "0", "--split", "1,0,0",
+             "--train-iters", str(a.steps + a.warmup + (1 if a.profile else 0)), "--eval-interval", "0", "--split", "1,0,0",
              "--attention-backend", a.attention_backend, "--num-workers", str(a.num_workers),
              "--log-interval", "1000000"]
     if a.num_layers:
@@ -164,6 +166,8 @@ def run_engine(a: argparse.Namespace) -> dict:
         train_step(forward_step, it, model, optimizer, scheduler, args, device)
     _sync()
     elapsed = time.perf_counter() - t0
+    if a.profile:
+        profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
     backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
     res = _result("engine", _config(a, cfg), a.steps, elapsed, counters["tokens"], counters["images"],
                   counters["flops"], counters["wait"],
@@ -171,6 +175,27 @@ def run_engine(a: argparse.Namespace) -> dict:
     del model, optimizer, scheduler
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return res
+
+
+def profile_step(out_dir: str, step) -> None:
+    """One step under torch.profiler: GPU busy time vs wall time, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync()
+    wall = time.perf_counter() - t0
+    prof.export_chrome_trace(str(Path(out_dir) / "engine_step_trace.json"))
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"# profile: wall {wall * 1e3:.1f} ms, GPU kernels {gpu * 1e3:.1f} ms "
+          f"({gpu / wall:.0%} busy)", flush=True)
+    table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    (Path(out_dir) / "engine_step_kernels.txt").write_text(table)
+    print(table, flush=True)
 
 
 def _config(a, cfg) -> dict:
