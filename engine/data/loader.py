@@ -153,11 +153,18 @@ def build_loader(dataset: torch.utils.data.Dataset, *, micro_batch_size: int, co
     )
 
 
+HOST_KEYS = ("cu_seqlens",)
+
+
 def to_device(batch: dict[str, torch.Tensor | int], device: torch.device | str,
               non_blocking: bool = True) -> dict[str, torch.Tensor | int]:
     """The micro-batch on `device`; uint8 images (``normalize_images=False``) are normalised
     there, to exactly the values the workers would have produced."""
-    out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+    # `cu_seqlens` stays on the host: the model reads the document lengths there every micro-batch
+    # and makes its own device copy; a device tensor would cost a device-to-host sync each time,
+    # which stops the host from queueing work ahead of the GPU.
+    out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in HOST_KEYS else v
+           for k, v in batch.items()}
     if out["images"].dtype == torch.uint8:
         out["images"] = normalize_channels_first(out["images"])
     return out

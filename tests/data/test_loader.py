@@ -130,3 +130,14 @@ def test_uint8_images_normalised_on_device_match(dataset):
     assert got["images"].dtype == torch.float32
     for key in want:
         assert torch.equal(torch.as_tensor(got[key]).cpu(), torch.as_tensor(want[key])), key
+
+
+def test_to_device_keeps_cu_seqlens_on_the_host(dataset):
+    """The model reads document lengths from `cu_seqlens` every micro-batch: on the device that
+    read would be a sync. Everything else moves (to 'meta' here, which any machine has)."""
+    batch = next(iter(build_loader(dataset, micro_batch_size=2, num_workers=0)))
+    out = to_device(batch, "meta")
+    assert out["cu_seqlens"].device.type == "cpu"
+    assert torch.equal(out["cu_seqlens"], batch["cu_seqlens"])
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "images", "image_offsets"):
+        assert out[key].device.type == "meta", key
