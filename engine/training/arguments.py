@@ -144,6 +144,12 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoint tensors in the background while training continues")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction, default=False,
+                   help="save the optimizer state in the model's layout, so a resume may change TP and PP "
+                        "too (each DP group gathers its optimizer state on one rank: slower saves). "
+                        "Default: every rank writes its own shard; a resume may change DP; the weights "
+                        "always reshard (--no-load-optim resumes them into any layout)")
+    g.add_argument("--ckpt-save-threads", type=int, default=2, help="file-writing threads per rank")
     g.add_argument("--pretrained-checkpoint", default=None,
                    help="model weights to start from (a converted LLaVA checkpoint); "
                         "optimizer, schedule and data position start fresh")
@@ -368,10 +374,6 @@ def _check_intervals(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.eval_interval < 0 or args.eval_iters < 0:
         raise ConfigError("--eval-interval and --eval-iters must be >= 0 (0 turns evaluation off)")
-    if args.save_interval and not args.save:
-        raise ConfigError("--save-interval needs --save DIR")
-    if args.keep_last and not args.save:
-        raise ConfigError("--keep-last needs --save DIR")
 
 
 def _parse_data_path(items: list[str] | None, check_paths: bool) -> list[tuple[float, str]]:

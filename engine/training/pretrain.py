@@ -221,7 +221,9 @@ def run(args: argparse.Namespace, device: torch.device, started: float) -> int:
 
     saver = save_fn = None
     if args.save:
-        saver = ckpt.Saver(args.save, keep_last=args.keep_last, async_save=args.async_save, log=_print_rank0)
+        saver = ckpt.Saver(args.save, keep_last=args.keep_last, async_save=args.async_save, log=_print_rank0,
+                           optim_layout="reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp",
+                           threads=args.ckpt_save_threads)
         run_args = _args_for_checkpoint(args)
         save_fn = lambda s: saver.save(s.iteration, model, optimizer, scheduler, s.consumed_samples,  # noqa: E731
                                        args.model_config, run_args)

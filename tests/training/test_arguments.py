@@ -83,6 +83,9 @@ def test_layout_and_length_checks(tiny_dataset, tmp_path):
         _args(tiny_dataset, "--tensor-model-parallel-size", 2, world_size=3)
     with pytest.raises(ConfigError, match="exactly one of --train-iters and --train-samples"):
         _args(tiny_dataset, "--train-samples", 10)
+    args = parse_args(["--model", "tiny", "--data-path", tiny_dataset, "--seq-length", "1536", "--train-samples",
+                       "10", "--global-batch-size", "4", "--split", "80,20,0"], world_size=1)
+    assert args.train_iters == 3  # whole steps: 10 samples need 3 steps of 4
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 4096"):
         parse_args(["--data-path", tiny_dataset, "--seq-length", "8192", "--train-iters", "1"])
     with pytest.raises(ConfigError, match="--load .*: no such directory"):

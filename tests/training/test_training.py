@@ -45,7 +45,8 @@ def reference(tmp_path_factory, tiny_dataset):
         "min-lr: 1.0e-4\n"
         "lr-decay-style: cosine\n"
         "lr-warmup-iters: 2\n"
-        "split: '80,20,0'\n")
+        "split: '80,20,0'\n"
+        "dist-ckpt-optim-fully-reshardable: true\n")  # so that TP/PP resumes get the optimizer too
     argv = ["--config", config, *_common(tiny_dataset), "--num-workers", 1,
             "--save", root / "ckpt", "--save-interval", 2, "--keep-last", 2, "--log-jsonl", root / "log.jsonl"]
     _spawn.run(argv, 1, root / "logs")
@@ -97,16 +98,28 @@ def test_resume_is_bit_exact(reference, tiny_dataset, tmp_path):
 
 def test_data_parallel_equals_micro_batches(reference, tiny_dataset, tmp_path):
     """DP=2 with one micro-batch each = DP=1 with two: the loss is averaged over the supervised
-    tokens of the whole global batch, however it is split."""
+    tokens of the whole global batch, however it is split. Its checkpoint (optimizer state in the
+    default per-DP-rank layout) then resumes on one rank, but refuses a TP change."""
     argv = ["--config", reference["config"], *_common(tiny_dataset), "--num-workers", 0,
-            "--exit-interval", 3, "--log-jsonl", tmp_path / "log.jsonl"]
-    _spawn.run(argv, 2, tmp_path / "logs")
+            "--no-dist-ckpt-optim-fully-reshardable", "--exit-interval", 3, "--save", tmp_path / "ckpt"]
+    _spawn.run(argv + ["--log-jsonl", tmp_path / "log.jsonl"], 2, tmp_path / "logs")
     train, valid = _spawn.records(tmp_path / "log.jsonl"), _spawn.records(tmp_path / "log.jsonl", "valid")
     assert [r["iteration"] for r in train] == [1, 2, 3]
     for got, want in zip(train, reference["train"]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert valid[0]["loss"] == pytest.approx(reference["valid"][0]["loss"], rel=1e-6)
+
+    resume = argv[:-4] + ["--load", tmp_path / "ckpt", "--exit-interval", 4, "--log-jsonl", tmp_path / "dp1.jsonl"]
+    _spawn.run(resume, 1, tmp_path / "logs_dp1")
+    (step4,) = _spawn.records(tmp_path / "dp1.jsonl")
+    assert step4["iteration"] == 4
+    assert step4["loss"] == pytest.approx(reference["train"][3]["loss"], rel=1e-6)
+    assert step4["grad_norm"] == pytest.approx(reference["train"][3]["grad_norm"], rel=1e-5)
+
+    ranks = _spawn.run(resume + ["--tensor-model-parallel-size", 2], 2, tmp_path / "logs_tp2", check=False)
+    assert [r.proc.returncode for r in ranks] == [2, 2]
+    assert "its optimizer state only loads into that TP/PP layout" in ranks[0].output
 
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", 2], ["--pipeline-model-parallel-size", 2]],
@@ -151,3 +164,22 @@ def test_incompatible_checkpoint_fails_at_start(reference, tiny_dataset, tmp_pat
     out = ranks[0].output
     assert "was saved for a different model" in out and "language.num_layers: checkpoint 4, this run 2" in out
     assert "iteration 1 " not in out  # nothing trained
+
+
+def test_start_from_pretrained_weights(reference, tiny_dataset, tmp_path):
+    """--pretrained-checkpoint: the weights of reference step 4, but a fresh schedule, optimizer
+    and data position (iteration 1 on sample 0 again, at warmup lr 0). With lr 0 the first step
+    changes nothing, so its loss is the step-4 weights' loss on samples 0-1: far below step 1's."""
+    argv = ["--config", reference["config"], *_common(tiny_dataset), "--num-workers", 0, "--exit-interval", 1,
+            "--pretrained-checkpoint", reference["root"] / "ckpt" / "iter_0000004",
+            "--save", tmp_path / "ckpt", "--load", tmp_path / "ckpt", "--log-jsonl", tmp_path / "log.jsonl"]
+    ranks = _spawn.run(argv, 1, tmp_path / "logs")
+    assert "loaded pretrained weights from" in ranks[0].output
+    (first,) = _spawn.records(tmp_path / "log.jsonl")
+    assert (first["iteration"], first["consumed_samples"], first["lr"]) == (1, 2, 0.0)
+    assert first["loss"] < reference["train"][0]["loss"] - 0.2
+    # A rerun with the same flags resumes the run's own checkpoint instead (iteration 1 onwards).
+    ranks = _spawn.run(argv[:-2] + ["--log-jsonl", tmp_path / "log2.jsonl", "--exit-interval", 2], 1,
+                       tmp_path / "logs2")
+    assert "resumed from" in ranks[0].output and "loaded pretrained weights" not in ranks[0].output
+    assert [r["iteration"] for r in _spawn.records(tmp_path / "log2.jsonl")] == [2]
