@@ -31,7 +31,7 @@ echo "== 4/4 resume from the checkpoint and finish"
 
 echo
 echo "Everything is under $OUT:"
-echo "  dataset      $DATA.{idx,tokens.bin,images.bin} (+ $DATA.summary.json, packing indices in $OUT/data)"
+echo "  dataset      $DATA.{idx,tokens.bin,images.bin} (+ .summary.json, .errors.jsonl; packing indices in $OUT/data/index-cache)"
 echo "  checkpoints  $OUT/ckpt/ (newest: iter_$(printf %07d "$(cat "$OUT/ckpt/latest_checkpointed_iteration.txt")"))"
 echo "  metrics      $OUT/train.jsonl (one JSON object per logged step)"
 "$PY" - "$OUT/train.jsonl" <<'PYEOF'

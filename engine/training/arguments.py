@@ -344,6 +344,9 @@ def _check_model_layout(cfg: ModelConfig, args: argparse.Namespace) -> None:
             f"--seq-length {args.seq_length} cannot hold one image ({vis.tokens_per_image} positions) plus text")
     if args.freeze_vision and args.freeze_projector and args.freeze_llm:
         raise ConfigError("everything is frozen (--freeze-vision, --freeze-projector, --freeze-llm): nothing to train")
+    if args.freeze_llm and args.pipeline_model_parallel_size > 1:
+        raise ConfigError("--freeze-llm trains only what lives on the first pipeline stage (projector, vision): "
+                          "the other stages would have nothing to train; use --pipeline-model-parallel-size 1")
     if args.recompute_granularity is not None:
         import torch
 

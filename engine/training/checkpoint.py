@@ -300,6 +300,8 @@ class Saver:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, self.root / TRACKER)
+        for stale in self.root.glob(".tmp_iter_*"):  # left by a save that was killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         if self.keep_last:
             saved = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
             for old in saved[: -self.keep_last]:

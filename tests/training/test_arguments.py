@@ -88,6 +88,8 @@ def test_layout_and_length_checks(tiny_dataset, tmp_path):
     assert args.train_iters == 3  # whole steps: 10 samples need 3 steps of 4
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 4096"):
         parse_args(["--data-path", tiny_dataset, "--seq-length", "8192", "--train-iters", "1"])
+    with pytest.raises(ConfigError, match="--freeze-llm trains only what lives on the first pipeline stage"):
+        _args(tiny_dataset, "--freeze-llm", "--pipeline-model-parallel-size", 2, world_size=2)
     with pytest.raises(ConfigError, match="--load .*: no such directory"):
         _args(tiny_dataset, "--load", tmp_path / "typo", "--save", tmp_path / "ckpt")
     # --load naming the (not yet existing) --save directory is the self-resuming job: fine.
