@@ -166,12 +166,12 @@ def run_engine(a: argparse.Namespace) -> dict:
         train_step(forward_step, it, model, optimizer, scheduler, args, device)
     _sync()
     elapsed = time.perf_counter() - t0
-    if a.profile:
-        profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
     backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
     res = _result("engine", _config(a, cfg), a.steps, elapsed, counters["tokens"], counters["images"],
                   counters["flops"], counters["wait"],
                   {"attention_backend": backend, "transformer_engine": bool(info.has_te)})
+    if a.profile:  # after the figures are read: the profiled step's batches must not count
+        profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
     del model, optimizer, scheduler
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return res
