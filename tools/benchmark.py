@@ -281,7 +281,13 @@ def run_hf(a: argparse.Namespace) -> dict:
 
     reader = IndexedDataset(a.data_prefix)
     docs = [d for d in range(reader.num_documents) if reader.doc_image_counts[d] > 0]
-    accum = a.global_batch_size // a.micro_batch_size
+    # As many documents per optimizer step as the engine's packed global batch holds on average,
+    # so both pipelines train on the same amount of text per update (and amortise the optimizer
+    # step over it alike).
+    lengths = [min(int(reader.doc_lengths[d]) + (cfg.vision.tokens_per_image - 1) * int(reader.doc_image_counts[d]),
+                   a.seq_length) for d in docs]
+    docs_per_step = max(1, round(a.global_batch_size * a.seq_length / (sum(lengths) / len(lengths))))
+    accum = -(-docs_per_step // a.hf_micro_batch_size)
     per_step = a.hf_micro_batch_size * accum
     needed = per_step * (a.steps + a.warmup)
     order = [docs[i % len(docs)] for i in range(needed)]
@@ -320,7 +326,7 @@ def run_hf(a: argparse.Namespace) -> dict:
         step()
     _sync()
     elapsed = time.perf_counter() - t0
-    conf = _config(a, cfg) | {"micro_batch_size": a.hf_micro_batch_size,
+    conf = _config(a, cfg) | {"micro_batch_size": a.hf_micro_batch_size, "documents_per_step": per_step,
                               "gradient_checkpointing": a.hf_gradient_checkpointing}
     return _result("hf", conf, a.steps, elapsed, counters["tokens"], counters["images"], counters["flops"],
                    counters["wait"], {"attention_backend": "sdpa", "padded_fraction": None})
