@@ -12,7 +12,8 @@ Baseline `hf`: transformers' LlavaForConditionalGeneration (SDPA attention, fp32
 bf16 autocast as HF Trainer runs it, frozen vision tower, fused AdamW) fed the way the seed feeds
 it: one document per sample (first `seq-length` LLM positions, whole images only), samples padded
 to the longest in the micro-batch, images decoded from the dataset's JPEGs by DataLoader workers.
-It runs the same number of optimizer steps over as many micro-batches.
+It runs the same number of optimizer steps, each over as many documents as the engine's packed
+global batch holds on average.
 
 Both are scored with the same formula (engine.training.metrics.step_flops: useful FLOPs only,
 within-document attention pairs, no recompute). Prints one JSON line per pipeline and, with a
