@@ -107,6 +107,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="save and exit when iteration %% N == 0")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit after this much wall time")
+    g.add_argument("--max-skipped-steps", type=int, default=5,
+                   help="steps with a NaN/Inf loss or gradients are skipped (no update); after this many in "
+                        "a row the run saves its last good state and stops with exit status 3")
     g.add_argument("--eval-interval", type=int, default=1000, help="0: no evaluation")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
 
@@ -371,7 +374,7 @@ def _check_optimizer(args: argparse.Namespace) -> None:
 
 
 def _check_intervals(args: argparse.Namespace) -> None:
-    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last"):
+    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last", "max_skipped_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")

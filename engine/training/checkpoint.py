@@ -22,7 +22,9 @@ What a checkpoint holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import random
 import shutil
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from engine.config import ModelConfig
 
@@ -191,6 +194,28 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _adam_steps(optimizer) -> int | None:
+    """torch Adam's step count (every trained parameter steps together). The per-DP-rank
+    optimizer layout of mcore 0.19.2 does not save it (only fused optimizers keep 'step' in their
+    param groups), and a resume whose Adam restarts at step 0 takes bias-corrected steps several
+    times too large; the checkpoint therefore carries it in its common state."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            for state in inner.state.values():
+                if "step" in state:
+                    return int(state["step"])
+    return None
+
+
+def _set_adam_steps(optimizer, steps: int) -> None:
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            for state in inner.state.values():
+                state["step"] = torch.tensor(float(steps))  # one tensor each (see _unshare_adam_steps)
+
+
 def _state_dict(model, optimizer, scheduler, *, loading: bool, with_optimizer: bool, with_rng: bool,
                 optim_metadata: dict | None = None) -> dict:
     model_sd = _unwrap(model).sharded_state_dict()
@@ -261,10 +286,9 @@ class Saver:
             model_config=dataclasses.asdict(model_config),
             layout=_layout(),
             args=args_dict or {},
+            adam_steps=_adam_steps(optimizer),
         )
         asynchronous = {"async_sharded_save": True, "async_strategy": "mcore"} if self.async_queue else {}
-        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
-                                          content_metadata=dict(self.optim_metadata), **asynchronous)
 
         def publish():
             _barrier()  # every rank's shards are on disk
@@ -274,20 +298,52 @@ class Saver:
             self.log(f"saved checkpoint {iteration_dir(self.root, iteration)} "
                      f"in {time.perf_counter() - start:.1f} s")
 
-        if request is None:
-            publish()
-        else:
-            request.add_finalize_fn(publish)
-            self.async_queue.schedule_async_request(request)
+        self._in_flight = (iteration, tmp)
+        with self._failure_report():
+            request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
+                                              content_metadata=dict(self.optim_metadata), **asynchronous)
+            if request is None:
+                publish()
+            else:
+                request.add_finalize_fn(publish)
+                self.async_queue.schedule_async_request(request)
 
     def finalize(self, blocking: bool = False) -> None:
         if self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+            with self._failure_report():
+                self.async_queue.maybe_finalize_async_calls(blocking=blocking)
 
     def close(self) -> None:
         if self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=True)
-            self.async_queue.close()
+            try:
+                self.finalize(blocking=True)
+            finally:
+                self.async_queue.close()
+
+    @contextlib.contextmanager
+    def _failure_report(self):
+        """A failed write (disk full, no permission, file too large) becomes a CheckpointError naming
+        the save, its cause and the checkpoint a resume would still use; the half-written directory
+        is removed. mcore's writer threads report only a generic error upward and log the cause,
+        so the cause is taken from that log."""
+        causes = _ErrorRecords()
+        writer_log = logging.getLogger("megatron.core.dist_checkpointing")
+        writer_log.addHandler(causes)
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+            iteration, tmp = getattr(self, "_in_flight", (None, None))
+            if _rank() == 0 and tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            newest = read_tracker(self.root) if (self.root / TRACKER).is_file() else None
+            cause = _probe_write(self.root) or causes.first or f"{type(e).__name__}: {e}"
+            raise CheckpointError(
+                f"saving checkpoint iteration {iteration} under {self.root} failed: {cause}; the newest complete "
+                f"checkpoint is still {iteration_dir(self.root, newest) if newest is not None else 'none'}") from e
+        finally:
+            writer_log.removeHandler(causes)
 
     def _publish(self, tmp: Path, iteration: int) -> None:
         final = iteration_dir(self.root, iteration)
@@ -306,6 +362,43 @@ class Saver:
             saved = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
             for old in saved[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _probe_write(directory: Path, nbytes: int = 64 << 20) -> str | None:
+    """After a failed save: the OS error of writing a file of `nbytes` there (a full disk, a file
+    size limit, no permission), with the space left; None when that works (the cause lies elsewhere)."""
+    probe = directory / f".write_probe_{_rank()}"
+    try:
+        with open(probe, "wb") as f:
+            block = bytes(1 << 20)
+            for _ in range(nbytes >> 20):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        try:
+            free = f", {shutil.disk_usage(directory).free / 2**30:.2f} GiB free there"
+        except OSError:
+            free = ""
+        return f"{e.strerror or e} (a test write to {directory} failed too{free})"
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
+
+
+class _ErrorRecords(logging.Handler):
+    """Keeps the first error message logged while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.first = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is None:
+            self.first = record.getMessage()
 
 
 # --------------------------------------------------------------------------- load
@@ -381,6 +474,8 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
         with torch.no_grad():  # fp32 main weights are views of the (grad-requiring) parameters
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
+        if common.get("adam_steps") is not None:
+            _set_adam_steps(optimizer, common["adam_steps"])
         if scheduler is not None and common.get("scheduler") is not None:
             scheduler.load_state_dict(common["scheduler"])
     else:

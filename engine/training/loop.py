@@ -32,6 +32,11 @@ from engine.training.metrics import MetricsLogger, Throughput, TimedIterator, pe
 from engine.training.optim import current_lr
 
 
+class DivergedError(RuntimeError):
+    """--max-skipped-steps consecutive steps had a non-finite loss or gradients; the last good
+    state was saved (with --save) before this was raised."""
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -98,9 +103,29 @@ def _shape(args) -> dict:
     return {"seq_length": seq, "micro_batch_size": mbs}
 
 
+def _all_finite(total: torch.Tensor, model, device: torch.device) -> bool:
+    """Are this step's loss (on every last-stage rank) and every gradient (on every rank) finite?
+    One sum per gradient buffer (a NaN or Inf anywhere makes it non-finite) and one all-reduce,
+    so that all ranks skip together."""
+    bad = ~torch.isfinite(total[0].float())
+    buffers = getattr(model, "buffers", None)  # mcore DDP: the contiguous gradient buffers
+    if isinstance(buffers, list):
+        grads = [b.grad_data for b in buffers + getattr(model, "expert_parallel_buffers", [])]
+    else:
+        grads = [getattr(p, "main_grad", p.grad) for p in model.parameters() if p.requires_grad]
+    for g in grads:
+        if g is not None:
+            bad |= ~torch.isfinite(g.sum().float()).to(bad.device)
+    flag = bad.to(device=device, dtype=torch.float32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())
+
+
 def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, device):
     """One optimizer step. Returns ([masked loss sum, supervised tokens] over this rank's
-    micro-batches (zeros off the last pipeline stage), grad norm, whether the update was skipped)."""
+    micro-batches (zeros off the last pipeline stage), grad norm, whether the update was skipped,
+    whether the loss and gradients were finite). A non-finite step changes nothing: no update of
+    the weights, the optimizer state or the learning-rate schedule."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
@@ -111,11 +136,13 @@ def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, d
         **_shape(args),
         forward_only=False,
     )
+    total = _sum_reports(losses, device)
+    if not _all_finite(total, model, device):
+        return total, None, True, False
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    total = _sum_reports(losses, device)
-    return total, grad_norm, not updated
+    return total, grad_norm, not updated, True
 
 
 @torch.no_grad()
@@ -192,16 +219,22 @@ def train(*, args, model, optimizer, scheduler, train_iterator: Iterator, make_v
     last_saved = state.iteration
     interval_loss = torch.zeros(2, dtype=torch.float64, device=device)
     skipped = 0
+    bad_streak = 0  # consecutive steps with a non-finite loss or gradients
     model.train()
     try:
         while state.iteration < args.train_iters:
             lr = current_lr(scheduler)  # the rate this step uses (the schedule moves after it)
-            total, grad_norm, was_skipped = train_step(forward_step, timed, model, optimizer, scheduler, args, device)
+            total, grad_norm, was_skipped, finite = train_step(forward_step, timed, model, optimizer, scheduler,
+                                                               args, device)
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
             meter.steps += 1
             interval_loss += total
             skipped += int(was_skipped)
+            bad_streak = 0 if finite else bad_streak + 1
+            if not finite:
+                log(f"iteration {state.iteration}: the loss or the gradients are NaN/Inf (loss sum {total[0].item():.6g}); "
+                    f"update skipped ({bad_streak} in a row, --max-skipped-steps {args.max_skipped_steps})")
 
             if state.iteration % args.log_interval == 0:
                 loss = _global_mean(interval_loss)
@@ -231,7 +264,10 @@ def train(*, args, model, optimizer, scheduler, train_iterator: Iterator, make_v
 
             if poll_fn is not None:
                 poll_fn()
-            reason = _stop_reason(args, state, stop)
+            diverged = bad_streak >= args.max_skipped_steps
+            reason = (f"{bad_streak} consecutive steps with a NaN/Inf loss or gradients (--max-skipped-steps "
+                      f"{args.max_skipped_steps}); the weights are those of iteration "
+                      f"{state.iteration - bad_streak}") if diverged else _stop_reason(args, state, stop)
             if _agree_to_stop(reason is not None, device) and reason is None:
                 reason = "another rank is stopping"
             if save_fn is not None and (reason is not None or (
@@ -241,6 +277,9 @@ def train(*, args, model, optimizer, scheduler, train_iterator: Iterator, make_v
                 meter.reset()
             if reason is not None:
                 log(f"stopping after iteration {state.iteration}: {reason}")
+                if diverged:
+                    raise DivergedError(reason + (f"; saved as iteration {state.iteration} in {args.save}"
+                                                  if save_fn is not None else ""))
                 break
         if save_fn is not None and last_saved != state.iteration:
             save_fn(state)

@@ -6,7 +6,9 @@ schedule → checkpoint or pretrained weights → data from the resumed position
 
 Exit status: 0 after training or after a requested stop (SIGTERM/SIGINT, --exit-interval,
 --exit-duration-in-mins), with a checkpoint saved when --save is given; 2 for a configuration,
-data or checkpoint that cannot be used (the message says which and why).
+data or checkpoint that cannot be used (the message says which and why); 3 when
+--max-skipped-steps consecutive steps had a NaN/Inf loss or gradients (the last good state is
+saved first).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.data.format import FormatError
     from engine.platform import destroy_distributed, init_distributed, setup_platform
     from engine.training.checkpoint import CheckpointError
+    from engine.training.loop import DivergedError
 
     info = setup_platform()
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, device, started)
     except (ConfigError, CheckpointError, FormatError) as e:
         return _fail(str(e))
+    except DivergedError as e:
+        _fail(str(e))
+        return 3
     finally:
         destroy_distributed()
 

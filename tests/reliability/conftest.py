@@ -19,3 +19,33 @@ _common = dict(deadline=None, print_blob=True,
 settings.register_profile("ci", derandomize=True, database=None, **_common)
 settings.register_profile("explore", **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ---------------------------------------------------------------------------- training runs
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory) -> str:
+    """The training tests' dataset (tests/training/conftest.py: real photos, real text)."""
+    from faultlib import REPO, tokenizer_path
+
+    spec = importlib.util.spec_from_file_location("training_data", REPO / "tests" / "training" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_dataset(tmp_path_factory.mktemp("training_data") / "sample", tokenizer_path())
+
+
+@pytest.fixture(scope="session")
+def training_reference(training_data, tmp_path_factory) -> dict:
+    """An uninterrupted run of faultlib.training_flags: {iteration: logged record}."""
+    from faultlib import TRAIN_ITERS, jsonl_records, run_training, training_flags
+
+    root = tmp_path_factory.mktemp("training_reference")
+    run_training(training_flags(training_data, root, "--log-jsonl", root / "log.jsonl"), root / "out.log")
+    records = jsonl_records(root / "log.jsonl")
+    assert [r["iteration"] for r in records] == list(range(1, TRAIN_ITERS + 1))
+    return {"root": root, "records": {r["iteration"]: r for r in records}}

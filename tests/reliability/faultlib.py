@@ -81,3 +81,153 @@ class DyingDataset:
 
     def __repr__(self) -> str:
         return f"DyingDataset({self.dataset!r})"
+
+
+# ---------------------------------------------------------------------------- training processes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_training(argv: list, log: Path, *, preexec_fn=None, driver: str | None = None):
+    """`python -m engine.pretrain ARGV` as one rank in its own process group (so that a kill -9
+    of the group takes its data-loader workers and checkpoint writers too), output to `log`.
+    `driver`: Python source run instead of the module (it reads sys.argv[1:] as the flags)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "reliability")]))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    head = ["-c", driver] if driver else ["-m", "engine.pretrain"]
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, *head, *map(str, argv)], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
+
+
+def kill_group(proc) -> None:
+    """SIGKILL the process group of a process started by `start_training`."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def jsonl_records(path: Path, kind: str = "train") -> list[dict]:
+    import json
+
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # the last line of a killed run may be cut short
+            continue
+        if record.get("kind") == kind:
+            out.append(record)
+    return out
+
+
+TRAIN_ITERS, SAVE_EVERY = 8, 2
+
+
+def training_flags(data: str, root: Path, *extra) -> list:
+    """A small real run: tiny preset, 1536 positions, 2 samples per step, one loader worker,
+    checkpoints every SAVE_EVERY steps into ROOT/ckpt, resumed from there when present."""
+    return ["--model", "tiny", "--data-path", data, "--seq-length", 1536, "--micro-batch-size", 1,
+            "--global-batch-size", 2, "--train-iters", TRAIN_ITERS, "--lr", "1e-3", "--lr-warmup-iters", 2,
+            "--split", "1,0,0", "--eval-interval", 0, "--num-workers", 1, "--log-interval", 1,
+            "--save", root / "ckpt", "--load", root / "ckpt", "--save-interval", SAVE_EVERY, *extra]
+
+
+def run_training(argv: list, log: Path, *, expect: int = 0, timeout: float = 300, **kw) -> str:
+    """Run to the end; returns the output, failing with it unless the exit status is `expect`."""
+    proc = start_training(argv, log, **kw)
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        kill_group(proc)
+    output = log.read_text(errors="replace")
+    assert code == expect, f"exit status {code}, expected {expect}:\n{output[-6000:]}"
+    return output
+
+
+def tracker(ckpt: Path) -> int | None:
+    try:
+        return int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """Every tensor of a distributed checkpoint directory, by flattened name."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(path), f"{tmp}/all.pt")
+        state = torch.load(f"{tmp}/all.pt", weights_only=False)
+
+    out = {}
+
+    def walk(value, name):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{name}/{k}" if name else str(k))
+        elif isinstance(value, torch.Tensor):
+            out[name] = value
+
+    walk(state, "")
+    return out
+
+
+# Poisons the loss of chosen steps, then runs engine.pretrain: POISON="3:nan_loss,5:inf_loss"
+# (step:kind; kinds nan_loss, inf_loss, nan_grad = finite loss whose gradient is NaN), one
+# micro-batch per step per rank unless POISON_MICRO says otherwise.
+POISON_DRIVER = """
+import os, sys
+import torch
+import engine.training.loop as loop
+
+plan = {int(s): k for s, k in (item.split(":") for item in os.environ["POISON"].split(","))}
+micro = int(os.environ.get("POISON_MICRO", "1"))
+calls = [0]
+real = loop.loss_func
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+def poisoned(loss_mask, per_token_loss):
+    step = calls[0] // micro + 1
+    calls[0] += 1
+    kind = plan.get(step)
+    if kind == "nan_loss":
+        per_token_loss = per_token_loss * float("nan")
+    elif kind == "inf_loss":  # +Inf where the loss counts; its gradient stays finite
+        per_token_loss = torch.where(loss_mask.bool(), per_token_loss + float("inf"), per_token_loss)
+    elif kind == "nan_grad":
+        per_token_loss = NanGrad.apply(per_token_loss)
+    return real(loss_mask, per_token_loss)
+
+loop.loss_func = poisoned
+from engine.training.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""

@@ -110,12 +110,14 @@ def test_data_parallel_equals_micro_batches(reference, tiny_dataset, tmp_path):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert valid[0]["loss"] == pytest.approx(reference["valid"][0]["loss"], rel=1e-6)
 
-    resume = argv[:-4] + ["--load", tmp_path / "ckpt", "--exit-interval", 4, "--log-jsonl", tmp_path / "dp1.jsonl"]
+    # Step 4 checks the restored weights and data position, step 5 the restored Adam state.
+    resume = argv[:-4] + ["--load", tmp_path / "ckpt", "--exit-interval", 5, "--log-jsonl", tmp_path / "dp1.jsonl"]
     _spawn.run(resume, 1, tmp_path / "logs_dp1")
-    (step4,) = _spawn.records(tmp_path / "dp1.jsonl")
-    assert step4["iteration"] == 4
-    assert step4["loss"] == pytest.approx(reference["train"][3]["loss"], rel=1e-6)
-    assert step4["grad_norm"] == pytest.approx(reference["train"][3]["grad_norm"], rel=1e-5)
+    steps = _spawn.records(tmp_path / "dp1.jsonl")
+    assert [r["iteration"] for r in steps] == [4, 5]
+    for got, want in zip(steps, reference["train"][3:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
 
     ranks = _spawn.run(resume + ["--tensor-model-parallel-size", 2], 2, tmp_path / "logs_tp2", check=False)
     assert [r.proc.returncode for r in ranks] == [2, 2]
