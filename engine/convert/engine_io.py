@@ -33,10 +33,10 @@ from engine.model import sharding
 HF_LAYOUT = "llava-hf"  # the Hub tensor names every `Source` hands out and export writes
 
 
-def conversion_rules(cfg: ModelConfig, hf_vocab_size: int | None = None) -> dict[str, "hf._Rule"]:
+def conversion_rules(cfg: ModelConfig, hf_vocab_size: int | None = None) -> dict[str, "hf.Rule"]:
     """engine name -> rule of `engine.convert.hf`'s table, for the llava-hf layout."""
-    layout, parts = hf._resolve(HF_LAYOUT, None)
-    return {r.engine: r for r in hf._rules(cfg, layout, parts, hf_vocab_size)}
+    layout, parts = hf.resolve(HF_LAYOUT, None)
+    return {r.engine: r for r in hf.rules(cfg, layout, parts, hf_vocab_size)}
 
 
 # ------------------------------------------------------------------------------ model config
@@ -128,7 +128,7 @@ def save_weights(model: torch.nn.Module, target: str | Path, cfg: ModelConfig, i
 
 
 def _local_params(model) -> dict[str, Tensor]:
-    return sharding._local_tensors(sharding._unwrap(model))
+    return sharding.local_tensors(sharding.unwrap(model))
 
 
 @torch.no_grad()
@@ -138,15 +138,15 @@ def fill_from_source(model: torch.nn.Module, source, cfg: ModelConfig, progress:
     from tqdm import tqdm
 
     rules = conversion_rules(cfg)
-    model = sharding._unwrap(model)
+    model = sharding.unwrap(model)
     params = _local_params(model)
     for name, param in tqdm(params.items(), desc="import", unit="tensor", disable=not progress):
-        key = sharding._full_name(model, name)
+        key = sharding.full_name(model, name)
         rule = rules.get(key)
         if rule is None:
             raise CheckpointError(f"engine parameter {key!r} has no conversion rule (engine.convert.hf)")
         full = rule.to_engine([source.get(k) for k in rule.hf])
-        shard = sharding._tp_split(full, param, sharding._is_gated_fc1(model, name))
+        shard = sharding.tp_split(full, param, sharding.is_gated_fc1(model, name))
         if shard.shape != param.shape:
             raise CheckpointError(
                 f"{key} from {', '.join(rule.hf)}: full tensor {list(full.shape)} gives this rank "
@@ -164,8 +164,8 @@ def iter_hf_tensors(model: torch.nn.Module, cfg: ModelConfig,
 
     if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("iter_hf_tensors needs the whole model in this process (TP=PP=1)")
-    model = sharding._unwrap(model)
-    full = {sharding._full_name(model, k): v.detach() for k, v in _local_params(model).items()}
+    model = sharding.unwrap(model)
+    full = {sharding.full_name(model, k): v.detach() for k, v in _local_params(model).items()}
     rules = conversion_rules(cfg, hf_vocab_size)
     missing = sorted(set(rules) - set(full))
     if missing:

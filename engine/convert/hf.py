@@ -1,6 +1,6 @@
 """Weight names and shapes: Hugging Face / original LLaVA  <->  engine (full, unsharded) state dicts.
 
-Conversion is data: `_rules(cfg)` lists, for every engine tensor, the Hugging Face tensors it is
+Conversion is data: `rules(cfg)` lists, for every engine tensor, the Hugging Face tensors it is
 made of and the reshape between them. Engine names are those of `engine.model.llava.LLaVAModel`
 built with tensor and pipeline parallel size 1 and the torch-native spec (global layer numbers);
 `engine.model.sharding` moves such a dict in and out of a parallel model.
@@ -62,18 +62,18 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     engine: str
     hf: tuple[str, ...]
     to_engine: Callable[[list[Tensor]], Tensor]
     to_hf: Callable[[Tensor], list[Tensor]]
 
 
-def _copy(engine: str, hf: str) -> _Rule:
-    return _Rule(engine, (hf,), lambda t: t[0], lambda t: [t])
+def _copy(engine: str, hf: str) -> Rule:
+    return Rule(engine, (hf,), lambda t: t[0], lambda t: [t])
 
 
-def _qkv(engine: str, q: str, k: str, v: str, heads: int, groups: int, head_dim: int) -> _Rule:
+def _qkv(engine: str, q: str, k: str, v: str, heads: int, groups: int, head_dim: int) -> Rule:
     per_group = heads // groups
 
     def fuse(t: list[Tensor]) -> Tensor:
@@ -85,11 +85,11 @@ def _qkv(engine: str, q: str, k: str, v: str, heads: int, groups: int, head_dim:
         q_, k_, v_ = g.split([per_group, 1, 1], dim=1)
         return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q_, k_, v_)]
 
-    return _Rule(engine, (q, k, v), fuse, split)
+    return Rule(engine, (q, k, v), fuse, split)
 
 
-def _gate_up(engine: str, gate: str, up: str) -> _Rule:
-    return _Rule(engine, (gate, up), lambda t: torch.cat(t, dim=0), lambda t: [c.contiguous() for c in t.chunk(2)])
+def _gate_up(engine: str, gate: str, up: str) -> Rule:
+    return Rule(engine, (gate, up), lambda t: torch.cat(t, dim=0), lambda t: [c.contiguous() for c in t.chunk(2)])
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -99,29 +99,29 @@ def _rows(t: Tensor, n: int) -> Tensor:
     return torch.cat([t, t.new_zeros(n - t.size(0), *t.shape[1:])])
 
 
-def _vocab(engine: str, hf: str, padded: int, hf_rows: int | None) -> _Rule:
-    return _Rule(engine, (hf,), lambda t: _rows(t[0], padded),
+def _vocab(engine: str, hf: str, padded: int, hf_rows: int | None) -> Rule:
+    return Rule(engine, (hf,), lambda t: _rows(t[0], padded),
                  lambda t: [_rows(t, hf_rows if hf_rows is not None else padded)])
 
 
-def _rules(cfg: ModelConfig, layout: Layout, parts, hf_vocab_size: int | None) -> list[_Rule]:
-    rules: list[_Rule] = []
+def rules(cfg: ModelConfig, layout: Layout, parts, hf_vocab_size: int | None) -> list[Rule]:
+    out: list[Rule] = []
     if "vision" in parts:
         vis, p = cfg.vision, layout.vision
-        rules += [
+        out += [
             _copy("vision_model.conv1.weight", p + "embeddings.patch_embedding.weight"),
-            _Rule("vision_model.class_token", (p + "embeddings.class_embedding",),
+            Rule("vision_model.class_token", (p + "embeddings.class_embedding",),
                   lambda t: t[0].reshape(1, 1, -1), lambda t: [t.reshape(-1)]),
             _copy("vision_model.position_embeddings.weight", p + "embeddings.position_embedding.weight"),
         ]
         for wb in ("weight", "bias"):
-            rules += [_copy(f"vision_model.ln_pre.{wb}", f"{p}pre_layrnorm.{wb}"),
+            out += [_copy(f"vision_model.ln_pre.{wb}", f"{p}pre_layrnorm.{wb}"),
                       _copy(f"vision_model.ln_post.{wb}", f"{p}post_layernorm.{wb}")]
         for i in range(vis.num_layers):
             e, h = f"vision_model.decoder.layers.{i}.", f"{p}encoder.layers.{i}."
             heads = vis.num_attention_heads
             for wb in ("weight", "bias"):
-                rules += [
+                out += [
                     _copy(f"{e}input_layernorm.{wb}", f"{h}layer_norm1.{wb}"),
                     _qkv(f"{e}self_attention.linear_qkv.{wb}", *(f"{h}self_attn.{x}_proj.{wb}" for x in "qkv"),
                          heads, heads, vis.hidden_size // heads),
@@ -133,11 +133,11 @@ def _rules(cfg: ModelConfig, layout: Layout, parts, hf_vocab_size: int | None) -
     if "projector" in parts:
         fc1, fc2 = layout.projector
         for wb in ("weight", "bias"):
-            rules += [_copy(f"vision_projection.encoder.linear_fc1.{wb}", fc1 + wb),
+            out += [_copy(f"vision_projection.encoder.linear_fc1.{wb}", fc1 + wb),
                       _copy(f"vision_projection.encoder.linear_fc2.{wb}", fc2 + wb)]
     if "language" in parts:
         lang, p = cfg.language, layout.llm
-        rules += [
+        out += [
             _vocab("language_model.embedding.word_embeddings.weight", p + "embed_tokens.weight",
                    lang.padded_vocab_size, hf_vocab_size),
             _copy("language_model.decoder.final_layernorm.weight", p + "norm.weight"),
@@ -146,7 +146,7 @@ def _rules(cfg: ModelConfig, layout: Layout, parts, hf_vocab_size: int | None) -
         ]
         for i in range(lang.num_layers):
             e, h = f"language_model.decoder.layers.{i}.", f"{p}layers.{i}."
-            rules += [
+            out += [
                 _copy(f"{e}input_layernorm.weight", f"{h}input_layernorm.weight"),
                 _qkv(f"{e}self_attention.linear_qkv.weight", *(f"{h}self_attn.{x}_proj.weight" for x in "qkv"),
                      lang.num_attention_heads, lang.num_query_groups or lang.num_attention_heads, lang.head_dim),
@@ -155,10 +155,10 @@ def _rules(cfg: ModelConfig, layout: Layout, parts, hf_vocab_size: int | None) -
                 _gate_up(f"{e}mlp.linear_fc1.weight", f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"),
                 _copy(f"{e}mlp.linear_fc2.weight", f"{h}mlp.down_proj.weight"),
             ]
-    return rules
+    return out
 
 
-def _resolve(layout: str | Layout, parts) -> tuple[Layout, tuple[str, ...]]:
+def resolve(layout: str | Layout, parts) -> tuple[Layout, tuple[str, ...]]:
     lay = LAYOUTS[layout] if isinstance(layout, str) else layout
     present = {"vision": lay.vision is not None, "projector": lay.projector is not None,
                "language": lay.llm is not None and lay.lm_head is not None}
@@ -175,18 +175,18 @@ def hf_to_engine(hf: Mapping[str, Tensor], cfg: ModelConfig, *, layout: str | La
                  parts=None) -> dict[str, Tensor]:
     """Engine state dict (full, TP=PP=1 names) from a Hugging Face one. Every tensor of the
     requested `parts` must be present, and every key of `hf` must be used (or be a known buffer)."""
-    lay, parts = _resolve(layout, parts)
-    rules = _rules(cfg, lay, parts, None)
-    missing = [k for r in rules for k in r.hf if k not in hf]
+    lay, parts = resolve(layout, parts)
+    table = rules(cfg, lay, parts, None)
+    missing = [k for r in table for k in r.hf if k not in hf]
     if missing:
         raise KeyError(f"{len(missing)} weight(s) missing for layout {layout!r}, parts {parts}: {missing[:8]}")
-    used = {k for r in rules for k in r.hf}
+    used = {k for r in table for k in r.hf}
     unused = [k for k in hf if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
     if unused:
         raise KeyError(f"{len(unused)} weight(s) not understood for layout {layout!r}, parts {parts} "
                        f"(wrong layout or model config?): {unused[:8]}")
     out = {}
-    for r in rules:
+    for r in table:
         tensors = [hf[k] for k in r.hf]
         out[r.engine] = r.to_engine(tensors).contiguous()
     return out
@@ -196,17 +196,17 @@ def engine_to_hf(engine: Mapping[str, Tensor], cfg: ModelConfig, *, layout: str 
                  parts=None, hf_vocab_size: int | None = None) -> dict[str, Tensor]:
     """Hugging Face state dict from a full engine one. `hf_vocab_size`: rows of the embedding and
     lm_head to write (default: the engine's padded vocabulary, 32064 = llava-hf's)."""
-    lay, parts = _resolve(layout, parts)
-    rules = _rules(cfg, lay, parts, hf_vocab_size)
-    missing = [r.engine for r in rules if r.engine not in engine]
+    lay, parts = resolve(layout, parts)
+    table = rules(cfg, lay, parts, hf_vocab_size)
+    missing = [r.engine for r in table if r.engine not in engine]
     if missing:
         raise KeyError(f"{len(missing)} engine weight(s) missing for parts {parts}: {missing[:8]}")
     out = {}
-    for r in rules:
+    for r in table:
         out.update(zip(r.hf, r.to_hf(engine[r.engine])))
     return out
 
 
 def engine_names(cfg: ModelConfig) -> list[str]:
     """Every weight name of the full engine model, in table order."""
-    return [r.engine for r in _rules(cfg, LAYOUTS["transformers"], PARTS, None)]
+    return [r.engine for r in rules(cfg, LAYOUTS["transformers"], PARTS, None)]

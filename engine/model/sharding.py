@@ -31,13 +31,13 @@ _TE_NAMES = {
 }
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and not hasattr(model, "language_model"):
         model = model.module  # DDP / Float16Module wrappers
     return model
 
 
-def _full_name(model, name: str) -> str:
+def full_name(model, name: str) -> str:
     for te, local in _TE_NAMES.items():
         if name.endswith("." + te):
             name = name[: -len(te)] + local
@@ -48,17 +48,17 @@ def _full_name(model, name: str) -> str:
     return name
 
 
-def _is_gated_fc1(model, name: str) -> bool:
+def is_gated_fc1(model, name: str) -> bool:
     return (name.startswith("language_model.") and name.endswith("mlp.linear_fc1.weight")
             and model.language_model.config.gated_linear_unit)
 
 
-def _local_tensors(model) -> dict[str, Tensor]:
+def local_tensors(model) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict(keep_vars=True).items()
             if isinstance(v, Tensor) and not k.endswith("_extra_state")}
 
 
-def _tp_split(full: Tensor, param: Tensor, gated: bool) -> Tensor:
+def tp_split(full: Tensor, param: Tensor, gated: bool) -> Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
@@ -70,13 +70,13 @@ def _tp_split(full: Tensor, param: Tensor, gated: bool) -> Tensor:
 
 def shard_state_dict(model: torch.nn.Module, full: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """This rank's state dict (local names) cut from a full one."""
-    model = _unwrap(model)
+    model = unwrap(model)
     out = {}
-    for name, param in _local_tensors(model).items():
-        key = _full_name(model, name)
+    for name, param in local_tensors(model).items():
+        key = full_name(model, name)
         if key not in full:
             raise KeyError(f"full state dict has no {key!r} (needed for {name!r} on this rank)")
-        shard = _tp_split(full[key], param, _is_gated_fc1(model, name))
+        shard = tp_split(full[key], param, is_gated_fc1(model, name))
         if shard.shape != param.shape:
             raise ValueError(f"{key}: full {tuple(full[key].shape)} gives shard {tuple(shard.shape)}, "
                              f"model has {tuple(param.shape)}")
@@ -87,7 +87,7 @@ def shard_state_dict(model: torch.nn.Module, full: Mapping[str, Tensor]) -> dict
 @torch.no_grad()
 def load_full_state_dict(model: torch.nn.Module, full: Mapping[str, Tensor]) -> None:
     """Copy this rank's part of `full` into the model's parameters."""
-    target = _local_tensors(_unwrap(model))
+    target = local_tensors(unwrap(model))
     for name, shard in shard_state_dict(model, full).items():
         target[name].copy_(shard)
 
@@ -97,8 +97,8 @@ def gather_state_dict(model: torch.nn.Module, tensors: Mapping[str, Tensor] | No
     `tensors` (local names -> tensors shaped like the parameters, e.g. gradients; None entries are
     skipped) replaces the parameters themselves. Collective: every rank of the TP and PP groups
     must call it."""
-    model = _unwrap(model)
-    params = _local_tensors(model)
+    model = unwrap(model)
+    params = local_tensors(model)
     tensors = {k: v.detach() for k, v in params.items()} if tensors is None else tensors
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -112,13 +112,13 @@ def gather_state_dict(model: torch.nn.Module, tensors: Mapping[str, Tensor] | No
             parts = [torch.empty_like(t) for _ in range(tp)]
             torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
             dim = param.partition_dim
-            if _is_gated_fc1(model, name):
+            if is_gated_fc1(model, name):
                 halves = [p.chunk(2, dim=dim) for p in parts]
                 t = torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)],
                               dim=dim)
             else:
                 t = torch.cat(parts, dim=dim)
-        stage[_full_name(model, name)] = t
+        stage[full_name(model, name)] = t
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(stages, stage, group=pp_group)
