@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make quickstart`: preprocess the bundled sample corpus, look at it, train the tiny preset for a
 # few dozen steps (CPU, or the GPU when there is one) with checkpoints, resume once from the last
-# checkpoint, and say where everything went.
+# checkpoint, export the result to Hugging Face LLaVA (checked against transformers), and say
+# where everything went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -11,29 +12,33 @@ DATA=$OUT/data/textbook
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-echo "== 1/4 preprocess examples/data/textbook_sample.jsonl -> $DATA"
+echo "== 1/5 preprocess examples/data/textbook_sample.jsonl -> $DATA"
 TOKENIZER=$("$PY" -c 'import mistral_common, pathlib; print(pathlib.Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")')
 "$PY" tools/preprocess_interleaved.py --input examples/data/textbook_sample.jsonl \
     --image-root examples/data/images --tokenizer-model "$TOKENIZER" --output-prefix "$DATA" \
     --workers 2 --no-progress
 
-echo "== 2/4 dataset summary"
+echo "== 2/5 dataset summary"
 "$PY" tools/inspect_dataset.py "$DATA" --seq-length 1536
 
 DEVICE=$("$PY" -c 'import torch; print("one GPU" if torch.cuda.is_available() else "CPU (gloo)")')
-echo "== 3/4 train the tiny preset for $ITERS steps on $DEVICE"
+echo "== 3/5 train the tiny preset for $ITERS steps on $DEVICE"
 TRAIN=(-m engine.pretrain --config examples/configs/tiny.yaml --data-path "$DATA"
        --save "$OUT/ckpt" --load "$OUT/ckpt" --log-jsonl "$OUT/train.jsonl")
 "$PY" "${TRAIN[@]}" --train-iters "$((ITERS / 2))" --lr-decay-iters "$ITERS"
 
-echo "== 4/4 resume from the checkpoint and finish"
+echo "== 4/5 resume from the checkpoint and finish"
 "$PY" "${TRAIN[@]}" --train-iters "$ITERS" --lr-decay-iters "$ITERS"
+
+echo "== 5/5 export to Hugging Face LLaVA and check it in transformers"
+"$PY" tools/convert_checkpoint.py export --source "$OUT/ckpt" --target "$OUT/hf" --tokenizer "$TOKENIZER" --verify
 
 echo
 echo "Everything is under $OUT:"
 echo "  dataset      $DATA.{idx,tokens.bin,images.bin} (+ .summary.json, .errors.jsonl; packing indices in $OUT/data/index-cache)"
 echo "  checkpoints  $OUT/ckpt/ (newest: iter_$(printf %07d "$(cat "$OUT/ckpt/latest_checkpointed_iteration.txt")"))"
 echo "  metrics      $OUT/train.jsonl (one JSON object per logged step)"
+echo "  hugging face $OUT/hf/ (LlavaForConditionalGeneration + LlavaProcessor: from_pretrained works)"
 "$PY" - "$OUT/train.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
