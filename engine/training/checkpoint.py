@@ -414,6 +414,21 @@ def resolve_checkpoint_dir(path: str | Path) -> Path | None:
     return None
 
 
+def _read(ckpt: Path, load, *args):
+    """`load(*args)`, with a checkpoint whose files are missing or damaged reported as a
+    CheckpointError naming it, the first underlying error and the other checkpoints beside it."""
+    try:
+        return load(*args)
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        failures = getattr(e, "failures", None)  # {rank: (exception, traceback)}
+        root = next(iter(failures.values()))[0] if failures else e
+        others = sorted(p.name for p in ckpt.parent.glob("iter_*") if p != ckpt)
+        raise CheckpointError(
+            f"checkpoint {ckpt} cannot be read ({type(root).__name__}: {root}): its files are missing or damaged. "
+            + (f"Other checkpoints in {ckpt.parent}: {', '.join(others)} (--load one of them)" if others else "")
+        ) from None
+
+
 def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
     """Raise CheckpointError naming every shape-relevant field that differs."""
     now = dataclasses.asdict(current)
@@ -441,7 +456,7 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
         return 0, 0
     if not ckpt.is_dir():
         raise CheckpointError(f"{Path(root) / TRACKER} points at {ckpt.name}, which does not exist")
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    common = _read(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt))
     if "model_config" not in common:
         raise CheckpointError(f"{ckpt} is not a checkpoint of this trainer (no model_config)")
     check_compatible(common["model_config"], model_config, ckpt)
@@ -468,7 +483,7 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
 
     state = _state_dict(model, optimizer, scheduler, loading=True, with_optimizer=load_optimizer,
                         with_rng=with_rng, optim_metadata=optim_metadata)
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    loaded = _read(ckpt, dist_checkpointing.load, state, str(ckpt))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
         with torch.no_grad():  # fp32 main weights are views of the (grad-requiring) parameters
@@ -493,11 +508,11 @@ def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfi
         raise CheckpointError(
             f"--pretrained-checkpoint {path}: neither a save directory ({TRACKER}) nor a "
             "distributed checkpoint (metadata.json)")
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    common = _read(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt))
     if "model_config" in common:
         check_compatible(common["model_config"], model_config, ckpt)
     state = {"model": _unwrap(model).sharded_state_dict()}
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    loaded = _read(ckpt, dist_checkpointing.load, state, str(ckpt))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     optimizer.reload_model_params()
     log(f"loaded pretrained weights from {ckpt}")
