@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Loss parity of parallel layouts on real GPUs (NCCL): the same steps of the same data at each
+# layout, then the per-step losses side by side.
+#
+#   bash tools/parity_check.sh DATA_PREFIX OUT_DIR [LAYOUT ...]
+#   LAYOUT = name:nproc:extra-flags, e.g. "tp2sp:2:--tensor-model-parallel-size 2 --sequence-parallel"
+set -uo pipefail
+DATA=${1:?usage: tools/parity_check.sh DATA_PREFIX OUT_DIR [LAYOUT ...]}
+OUT_DIR=${2:?usage: tools/parity_check.sh DATA_PREFIX OUT_DIR [LAYOUT ...]}
+shift 2
+LAYOUTS=("$@")
+[ ${#LAYOUTS[@]} -gt 0 ] || LAYOUTS=("tp1:1:" "tp2sp:2:--tensor-model-parallel-size 2 --sequence-parallel"
+                                    "pp2:2:--pipeline-model-parallel-size 2" "dp2:2:")
+# NVLink multicast stays off on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+for layout in "${LAYOUTS[@]}"; do
+    IFS=: read -r name nproc extra <<<"$layout"
+    echo "=== $name ($nproc GPU) $extra"
+    # shellcheck disable=SC2086
+    python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" -m engine.pretrain \
+        --model llava-7b-bench --num-layers "${PARITY_LAYERS:-2}" --data-path "$DATA" --split 1,0,0 \
+        --seq-length 4096 --micro-batch-size 1 --global-batch-size 4 --train-iters "${PARITY_STEPS:-10}" \
+        --eval-interval 0 --log-interval 1 --bf16 --log-jsonl "$OUT_DIR/$name.jsonl" $extra \
+        > "$OUT_DIR/$name.log" 2>&1 || { echo "failed: see $OUT_DIR/$name.log"; tail -5 "$OUT_DIR/$name.log"; }
+done
+python3 - "$OUT_DIR" "${LAYOUTS[@]}" <<'PY'
+import json, sys, pathlib
+out, names = pathlib.Path(sys.argv[1]), [l.split(":")[0] for l in sys.argv[2:]]
+runs = {}
+for n in names:
+    p = out / f"{n}.jsonl"
+    if p.exists():
+        runs[n] = {r["iteration"]: r for r in map(json.loads, p.open()) if r.get("kind") == "train"}
+ref = runs.get(names[0], {})
+print("iteration " + " ".join(f"{n:>12s}" for n in runs))
+worst = {n: 0.0 for n in runs}
+for it in sorted(ref):
+    row = []
+    for n, r in runs.items():
+        loss = r.get(it, {}).get("loss")
+        row.append(f"{loss:12.5f}" if loss is not None else f"{'-':>12s}")
+        if loss is not None:
+            worst[n] = max(worst[n], abs(loss - ref[it]["loss"]))
+    print(f"{it:9d} " + " ".join(row))
+print("max |loss - " + names[0] + "|: " + json.dumps({n: round(v, 5) for n, v in worst.items()}))
+tput = {n: {k: r[max(r)].get(k) for k in ("tflops_per_gpu", "tokens_per_s", "mfu")} for n, r in runs.items() if r}
+print("last-step throughput: " + json.dumps(tput))
+(out / "parity_summary.json").write_text(json.dumps({"max_abs_loss_diff": worst, "throughput": tput}))
+PY
