@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Loss parity of parallel layouts on real GPUs (NCCL): the same steps of the same data at each
-# layout, then the per-step losses side by side.
+# Loss parity of parallel layouts on real GPUs (NCCL): one short TP=1 run writes a checkpoint that
+# every layout starts from (weights resharded on load), then the same steps of the same data run at
+# each layout and the per-step losses are printed side by side.
 #
 #   bash tools/parity_check.sh DATA_PREFIX OUT_DIR [LAYOUT ...]
 #   LAYOUT = name:nproc:extra-flags, e.g. "tp2sp:2:--tensor-model-parallel-size 2 --sequence-parallel"
@@ -13,18 +14,25 @@ LAYOUTS=("$@")
                                     "pp2:2:--pipeline-model-parallel-size 2" "dp2:2:")
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+MODEL_FLAGS=${PARITY_MODEL_FLAGS:---model llava-7b-bench --num-layers 2 --bf16 --seq-length 4096}
 mkdir -p "$OUT_DIR"
+# shellcheck disable=SC2086
+"$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m engine.pretrain $MODEL_FLAGS \
+    --data-path "$DATA" --split 1,0,0 --micro-batch-size 1 --global-batch-size 4 --train-iters 1 \
+    --eval-interval 0 --save "$OUT_DIR/start" --save-interval 1 > "$OUT_DIR/start.log" 2>&1 \
+    || { echo "the start checkpoint failed: see $OUT_DIR/start.log"; tail -5 "$OUT_DIR/start.log"; exit 1; }
 for layout in "${LAYOUTS[@]}"; do
     IFS=: read -r name nproc extra <<<"$layout"
     echo "=== $name ($nproc GPU) $extra"
     # shellcheck disable=SC2086
-    python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" -m engine.pretrain \
-        --model llava-7b-bench --num-layers "${PARITY_LAYERS:-2}" --data-path "$DATA" --split 1,0,0 \
-        --seq-length 4096 --micro-batch-size 1 --global-batch-size 4 --train-iters "${PARITY_STEPS:-10}" \
-        --eval-interval 0 --log-interval 1 --bf16 --log-jsonl "$OUT_DIR/$name.jsonl" $extra \
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$nproc" -m engine.pretrain $MODEL_FLAGS \
+        --data-path "$DATA" --split 1,0,0 --pretrained-checkpoint "$OUT_DIR/start" \
+        --micro-batch-size 1 --global-batch-size 4 --train-iters "${PARITY_STEPS:-10}" \
+        --eval-interval 0 --log-interval 1 --log-jsonl "$OUT_DIR/$name.jsonl" $extra \
         > "$OUT_DIR/$name.log" 2>&1 || { echo "failed: see $OUT_DIR/$name.log"; tail -5 "$OUT_DIR/$name.log"; }
 done
-python3 - "$OUT_DIR" "${LAYOUTS[@]}" <<'PY'
+"$PY" - "$OUT_DIR" "${LAYOUTS[@]}" <<'PY'
 import json, sys, pathlib
 out, names = pathlib.Path(sys.argv[1]), [l.split(":")[0] for l in sys.argv[2:]]
 runs = {}
