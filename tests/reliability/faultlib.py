@@ -31,14 +31,6 @@ def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def flip_bits(data: bytes, flips: list[tuple[int, int]]) -> bytes:
-    """`data` with bit `bit` of byte `offset % len(data)` inverted, for each (offset, bit)."""
-    out = bytearray(data)
-    for offset, bit in flips:
-        out[offset % len(out)] ^= 1 << bit
-    return bytes(out)
-
-
 def tokenizer_path() -> str:
     import mistral_common
 

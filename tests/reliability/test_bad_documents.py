@@ -465,7 +465,7 @@ def corpus(draw, tree):
     return lines, blank_after, draw(st.integers(1, 4))
 
 
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(200))
 @given(data=st.data())
 def test_random_documents_are_written_or_reported(tree, data):
     lines, blank_after, docs_per_part = data.draw(corpus(tree))

@@ -182,7 +182,7 @@ def corruption(draw):
     return name, bytes(data)
 
 
-@settings(max_examples=examples(250))
+@settings(max_examples=examples(600))
 @given(case=corruption())
 def test_corrupted_photos_are_converted_or_reported(case, tmp_path_factory):
     name, data = case

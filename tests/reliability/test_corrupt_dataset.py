@@ -152,7 +152,7 @@ def _read_all_or_raise(prefix: Path, orig: dict) -> int:
     return failures
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=examples(400))
 @given(data=st.data())
 def test_damaged_files_raise_or_read_back_exactly(original, data):
     which, kind, args = data.draw(damage([len(b) for b in original["files"]]))

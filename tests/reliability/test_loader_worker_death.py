@@ -18,6 +18,8 @@ from engine.data.packing import PackingConfig
 from engine.data.tokenizer import SentencePieceTokenizer
 from faultlib import tokenizer_path
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "data"))
 from test_dataset import random_documents, write_corpus  # noqa: E402

@@ -27,6 +27,8 @@ import pytest
 from engine.data.format import dataset_paths
 from faultlib import tokenizer_path
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "data"
 VOLATILE = {"elapsed_s", "docs_per_s", "images_per_s", "parts_reused", "output_prefix"}

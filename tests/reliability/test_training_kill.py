@@ -8,7 +8,9 @@ an asynchronous checkpoint writer die too.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -75,3 +77,31 @@ def test_kill9_then_resume_equals_uninterrupted(training_data, training_referenc
         assert got == (want["loss"], want["grad_norm"], want["lr"], want["consumed_samples"]), (r["iteration"], killed)
     assert tracker(tmp_path / "ckpt") == TRAIN_ITERS
     assert not list((tmp_path / "ckpt").glob(".tmp_iter_*"))  # the killed save's leftover was redone
+
+
+def test_sigterm_during_a_save_finishes_saves_and_exits_zero(training_data, training_reference, tmp_path):
+    """SIGTERM arrives while the iteration-4 checkpoint is being written: that save completes, the
+    next step runs to its end, its checkpoint is written, the exit status is 0; a restart resumes
+    from it and matches an uninterrupted run."""
+    argv = training_flags(training_data, tmp_path)
+    proc = start_training([*argv, "--log-jsonl", tmp_path / "first.jsonl"], tmp_path / "first.log")
+    ready = _condition("saving", 4, tmp_path, tmp_path / "first.jsonl")
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not ready():
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGTERM)  # the main process only, as a scheduler does
+        code = proc.wait(timeout=300)
+    finally:
+        kill_group(proc)
+    output = (tmp_path / "first.log").read_text()
+    assert code == 0, output[-4000:]
+    assert "stopping after iteration 5: received SIGTERM" in output
+    assert [r["iteration"] for r in jsonl_records(tmp_path / "first.jsonl")] == [1, 2, 3, 4, 5]
+    assert tracker(tmp_path / "ckpt") == 5 and (tmp_path / "ckpt" / "iter_0000004").is_dir()
+    output = run_training([*argv, "--log-jsonl", tmp_path / "second.jsonl"], tmp_path / "second.log")
+    assert "resumed from" in output and "iter_0000005" in output
+    for r in jsonl_records(tmp_path / "second.jsonl"):
+        want = training_reference["records"][r["iteration"]]
+        assert (r["loss"], r["grad_norm"]) == (want["loss"], want["grad_norm"]), r["iteration"]
