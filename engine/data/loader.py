@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -214,10 +215,35 @@ class _Loader(torch.utils.data.DataLoader):
         batches = super().__iter__()
         if not isinstance(self.dataset, _Tracked):
             return batches
-        named = _NameDeadWorkers(batches, self.dataset)
-        if not getattr(self, "_sigchld_wrapped", False):
-            self._sigchld_wrapped = named.wrap_sigchld_handler()
-        return named
+        _LIVE.add(self.dataset)
+        _wrap_sigchld_handler()
+        return _NameDeadWorkers(batches, self.dataset)
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the _Tracked datasets of loaders that exist
+_sigchld_wrapped = False
+
+
+def _wrap_sigchld_handler() -> None:
+    """torch's SIGCHLD handler raises "DataLoader worker (pid N) is killed by signal" wherever
+    the training process happens to be; wrapped (once per process), it raises the
+    WorkerDiedError instead."""
+    global _sigchld_wrapped
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if _sigchld_wrapped or not callable(torch_handler) or threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as e:
+            found = _dead_workers(list(_LIVE))
+            if found is None:
+                raise
+            raise WorkerDiedError(_explain(*found, e)) from e
+
+    signal.signal(signal.SIGCHLD, handler)
+    _sigchld_wrapped = True
 
 
 def _exited(pid: int) -> bool:
@@ -226,6 +252,25 @@ def _exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # already reaped
         return True
+
+
+def _dead_workers(tracked: list[_Tracked]) -> tuple[_Tracked, int, int] | None:
+    """(dataset, pid, sample it was building) of a worker that has ended, or None."""
+    for _ in range(20):  # the error may arrive a moment before the process is gone
+        for t in tracked:
+            for pid, k in t.building.tolist():
+                if pid > 0 and _exited(pid):
+                    return t, pid, k
+        time.sleep(0.05)
+    return None
+
+
+def _explain(tracked: _Tracked, pid: int, k: int, error: BaseException) -> str:
+    dataset = tracked.dataset
+    if isinstance(dataset, _StoredImages):  # name the user's dataset
+        dataset = dataset.dataset
+    return (f"DataLoader worker (pid {pid}) died while building sample {k} of {dataset!r}; rebuild it in "
+            f"this process (dataset[{k}], or --num-workers 0) to see why [{type(error).__name__}: {error}]")
 
 
 class _NameDeadWorkers:
@@ -248,43 +293,7 @@ class _NameDeadWorkers:
         except (SampleError, StopIteration):
             raise
         except Exception as e:
-            dead = self._dead_workers()
-            if not dead:
+            found = _dead_workers([self.tracked])
+            if found is None:
                 raise
-            raise WorkerDiedError(self._explain(dead, e)) from e
-
-    def wrap_sigchld_handler(self) -> bool:
-        """torch's SIGCHLD handler raises "DataLoader worker (pid N) is killed by signal" wherever
-        the training process happens to be; wrapped, it raises the WorkerDiedError instead."""
-        torch_handler = signal.getsignal(signal.SIGCHLD)
-        if not callable(torch_handler) or threading.current_thread() is not threading.main_thread():
-            return False
-
-        def handler(signum, frame):
-            try:
-                torch_handler(signum, frame)
-            except RuntimeError as e:
-                dead = self._dead_workers()
-                if not dead:
-                    raise
-                raise WorkerDiedError(self._explain(dead, e)) from e
-
-        signal.signal(signal.SIGCHLD, handler)
-        return True
-
-    def _dead_workers(self) -> dict[int, int]:
-        """{pid: sample it was building} of the workers that have ended."""
-        for _ in range(20):  # the error may arrive a moment before the process is gone
-            dead = {pid: k for pid, k in self.tracked.building.tolist() if pid > 0 and _exited(pid)}
-            if dead:
-                return dead
-            time.sleep(0.05)
-        return {}
-
-    def _explain(self, dead: dict[int, int], error: Exception) -> str:
-        dataset = self.tracked.dataset
-        if isinstance(dataset, _StoredImages):  # name the user's dataset
-            dataset = dataset.dataset
-        pid, k = next(iter(dead.items()))
-        return (f"DataLoader worker (pid {pid}) died while building sample {k} of {dataset!r}; rebuild it in "
-                f"this process (dataset[{k}], or --num-workers 0) to see why [{type(error).__name__}: {error}]")
+            raise WorkerDiedError(_explain(*found, e)) from e
