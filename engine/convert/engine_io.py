@@ -101,19 +101,12 @@ def build(cfg: ModelConfig, dtype: torch.dtype, *, initialize: bool = True) -> t
     return model.eval()
 
 
-class _WeightsOnly:
-    """Stands in for the optimizer in `load_pretrained`: conversion and inference have none."""
-
-    def reload_model_params(self) -> None:
-        pass
-
-
 def load_weights(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
     """Model weights from an engine checkpoint, via the trainer's `--pretrained-checkpoint` path
     (any saved TP/PP layout: megatron-core reshards)."""
     from engine.training.checkpoint import load_pretrained
 
-    load_pretrained(path, model, _WeightsOnly(), cfg, log=lambda *_: None)
+    load_pretrained(path, model, None, cfg, log=lambda *_: None)
 
 
 def save_weights(model: torch.nn.Module, target: str | Path, cfg: ModelConfig, info: dict) -> None:

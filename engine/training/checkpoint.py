@@ -502,7 +502,8 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
 
 
 def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfig, log=print) -> None:
-    """Model weights only (e.g. a converted LLaVA checkpoint): the run starts at iteration 0."""
+    """Model weights only (e.g. a converted LLaVA checkpoint): the run starts at iteration 0.
+    `optimizer` (None for conversion and inference) re-reads its fp32 main weights from them."""
     ckpt = resolve_checkpoint_dir(path)
     if ckpt is None:
         raise CheckpointError(
@@ -514,5 +515,6 @@ def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfi
     state = {"model": _unwrap(model).sharded_state_dict()}
     loaded = _read(ckpt, dist_checkpointing.load, state, str(ckpt))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
-    optimizer.reload_model_params()
+    if optimizer is not None:
+        optimizer.reload_model_params()
     log(f"loaded pretrained weights from {ckpt}")
