@@ -5,20 +5,20 @@
 #   DATA=out/tiny/data/textbook bash examples/pretrain_1gpu_bench.sh [--num-layers 12 ...]
 #
 # Reads the logged tokens/s, images/s, TFLOP/s per GPU, MFU (vs 989 TFLOP/s), peak memory and
-# data-wait fraction from $OUT/bench.jsonl; the numbers of the last interval are printed at the
+# data-wait fraction from $RUN_DIR/bench.jsonl; the numbers of the last interval are printed at the
 # end (the first interval includes warm-up). Random initial weights: throughput does not care.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-OUT=${OUT:-out/bench-1gpu}
+RUN_DIR=${RUN_DIR:-out/bench-1gpu}
 DATA=${DATA:-out/tiny/data/textbook}
 if [ ! -f "$DATA.idx" ]; then
     echo "no dataset at $DATA (run examples/pretrain_tiny.sh or make quickstart first, or set DATA)" >&2
     exit 1
 fi
-mkdir -p "$OUT"
-rm -f "$OUT/bench.jsonl"
+mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR/bench.jsonl"
 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m engine.pretrain \
     --config examples/configs/llava7b_bench_1gpu.yaml \
-    --data-path "$DATA" --log-jsonl "$OUT/bench.jsonl" "$@"
-tail -n 1 "$OUT/bench.jsonl"
+    --data-path "$DATA" --log-jsonl "$RUN_DIR/bench.jsonl" "$@"
+tail -n 1 "$RUN_DIR/bench.jsonl"

@@ -9,13 +9,13 @@
 #             several weighted sets: DATA="0.7 /data/textbook 0.3 /data/mmc4"
 # PRETRAINED  the starting weights, converted once with
 #             python tools/convert_checkpoint.py import --from llava-hf --source llava-1.5-7b-hf --target ckpt/llava-1.5-7b
-# OUT         checkpoints, JSONL log and TensorBoard (default out/llava7b-textbook); rerunning the
+# RUN_DIR     checkpoints, JSONL log and TensorBoard (default out/llava7b-textbook); rerunning the
 #             script resumes from the newest checkpoint there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA:?set DATA to a preprocessed dataset prefix}"
 : "${PRETRAINED:?set PRETRAINED to a converted LLaVA checkpoint}"
-OUT=${OUT:-out/llava7b-textbook}
+RUN_DIR=${RUN_DIR:-out/llava7b-textbook}
 GPUS=${GPUS:-8}
 TRAIN_ITERS=${TRAIN_ITERS:-20000}
 
@@ -38,6 +38,6 @@ torchrun --standalone --nproc-per-node "$GPUS" -m engine.pretrain \
     --train-iters "$TRAIN_ITERS" \
     --data-path $DATA \
     --pretrained-checkpoint "$PRETRAINED" \
-    --save "$OUT/ckpt" --load "$OUT/ckpt" \
-    --log-jsonl "$OUT/train.jsonl" --tensorboard-dir "$OUT/tensorboard" \
+    --save "$RUN_DIR/ckpt" --load "$RUN_DIR/ckpt" \
+    --log-jsonl "$RUN_DIR/train.jsonl" --tensorboard-dir "$RUN_DIR/tensorboard" \
     "$@"

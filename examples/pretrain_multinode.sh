@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 : "${MASTER_ADDR:?set MASTER_ADDR to the host name of node 0}"
 MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-OUT=${OUT:-out/llava7b-multinode}   # must be a shared file system: every rank writes its shards
+RUN_DIR=${RUN_DIR:-out/llava7b-multinode}   # must be a shared file system: every rank writes its shards
 TP=${TP:-2}
 PP=${PP:-1}
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}
@@ -31,6 +31,6 @@ torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER
     --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
     --data-path $DATA \
     --pretrained-checkpoint "$PRETRAINED" \
-    --save "$OUT/ckpt" --load "$OUT/ckpt" \
-    --log-jsonl "$OUT/train.jsonl" --tensorboard-dir "$OUT/tensorboard" \
+    --save "$RUN_DIR/ckpt" --load "$RUN_DIR/ckpt" \
+    --log-jsonl "$RUN_DIR/train.jsonl" --tensorboard-dir "$RUN_DIR/tensorboard" \
     "$@"

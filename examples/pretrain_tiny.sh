@@ -4,13 +4,13 @@
 #   bash examples/pretrain_tiny.sh                     # preprocesses the sample if needed
 #   NPROC=2 bash examples/pretrain_tiny.sh --tensor-model-parallel-size 2   # extra flags pass through
 #
-# Everything lands under $OUT (default out/tiny): data/, ckpt/, train.jsonl.
+# Everything lands under $RUN_DIR (default out/tiny): data/, ckpt/, train.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-OUT=${OUT:-out/tiny}
+RUN_DIR=${RUN_DIR:-out/tiny}
 NPROC=${NPROC:-1}
-DATA=${DATA:-$OUT/data/textbook}
+DATA=${DATA:-$RUN_DIR/data/textbook}
 
 if [ ! -f "$DATA.idx" ]; then
     TOKENIZER=$("$PY" -c 'import mistral_common, pathlib; print(pathlib.Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")')
@@ -23,6 +23,6 @@ fi
 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m engine.pretrain \
     --config examples/configs/tiny.yaml \
     --data-path "$DATA" \
-    --save "$OUT/ckpt" --load "$OUT/ckpt" \
-    --log-jsonl "$OUT/train.jsonl" \
+    --save "$RUN_DIR/ckpt" --load "$RUN_DIR/ckpt" \
+    --log-jsonl "$RUN_DIR/train.jsonl" \
     "$@"

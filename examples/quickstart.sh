@@ -6,11 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-OUT=${OUT:-out/quickstart}
+RUN_DIR=${RUN_DIR:-out/quickstart}
 ITERS=${ITERS:-40}
-DATA=$OUT/data/textbook
-rm -rf "$OUT"
-mkdir -p "$OUT"
+DATA=$RUN_DIR/data/textbook
+rm -rf "$RUN_DIR"
+mkdir -p "$RUN_DIR"
 
 echo "== 1/5 preprocess examples/data/textbook_sample.jsonl -> $DATA"
 TOKENIZER=$("$PY" -c 'import mistral_common, pathlib; print(pathlib.Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")')
@@ -24,22 +24,22 @@ echo "== 2/5 dataset summary"
 DEVICE=$("$PY" -c 'import torch; print("one GPU" if torch.cuda.is_available() else "CPU (gloo)")')
 echo "== 3/5 train the tiny preset for $ITERS steps on $DEVICE"
 TRAIN=(-m engine.pretrain --config examples/configs/tiny.yaml --data-path "$DATA"
-       --save "$OUT/ckpt" --load "$OUT/ckpt" --log-jsonl "$OUT/train.jsonl")
+       --save "$RUN_DIR/ckpt" --load "$RUN_DIR/ckpt" --log-jsonl "$RUN_DIR/train.jsonl")
 "$PY" "${TRAIN[@]}" --train-iters "$((ITERS / 2))" --lr-decay-iters "$ITERS"
 
 echo "== 4/5 resume from the checkpoint and finish"
 "$PY" "${TRAIN[@]}" --train-iters "$ITERS" --lr-decay-iters "$ITERS"
 
 echo "== 5/5 export to Hugging Face LLaVA and check it in transformers"
-"$PY" tools/convert_checkpoint.py export --source "$OUT/ckpt" --target "$OUT/hf" --tokenizer "$TOKENIZER" --verify
+"$PY" tools/convert_checkpoint.py export --source "$RUN_DIR/ckpt" --target "$RUN_DIR/hf" --tokenizer "$TOKENIZER" --verify
 
 echo
-echo "Everything is under $OUT:"
-echo "  dataset      $DATA.{idx,tokens.bin,images.bin} (+ .summary.json, .errors.jsonl; packing indices in $OUT/data/index-cache)"
-echo "  checkpoints  $OUT/ckpt/ (newest: iter_$(printf %07d "$(cat "$OUT/ckpt/latest_checkpointed_iteration.txt")"))"
-echo "  metrics      $OUT/train.jsonl (one JSON object per logged step)"
-echo "  hugging face $OUT/hf/ (LlavaForConditionalGeneration + LlavaProcessor: from_pretrained works)"
-"$PY" - "$OUT/train.jsonl" <<'PYEOF'
+echo "Everything is under $RUN_DIR:"
+echo "  dataset      $DATA.{idx,tokens.bin,images.bin} (+ .summary.json, .errors.jsonl; packing indices in $RUN_DIR/data/index-cache)"
+echo "  checkpoints  $RUN_DIR/ckpt/ (newest: iter_$(printf %07d "$(cat "$RUN_DIR/ckpt/latest_checkpointed_iteration.txt")"))"
+echo "  metrics      $RUN_DIR/train.jsonl (one JSON object per logged step)"
+echo "  hugging face $RUN_DIR/hf/ (LlavaForConditionalGeneration + LlavaProcessor: from_pretrained works)"
+"$PY" - "$RUN_DIR/train.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 train = [r for r in rows if r["kind"] == "train"]
