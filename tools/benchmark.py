@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,18 +86,19 @@ def matmul_ceiling() -> float:
     return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def _result(name, cfg_dict, steps, elapsed, tokens, images, flops, data_wait, extra) -> dict:
+def _result(name, cfg_dict, steps, elapsed, meter, extra) -> dict:
+    """One JSON row from a `Throughput` meter that counted the timed steps' micro-batches."""
     from engine.training.metrics import H100_PEAK_FLOPS
 
-    tflops = flops / elapsed / 1e12
+    tflops = meter.flops / elapsed / 1e12
     out = {
         "pipeline": name,
-        "tokens_per_s": round(tokens / elapsed, 1),
-        "images_per_s": round(images / elapsed, 2),
+        "tokens_per_s": round(meter.tokens / elapsed, 1),
+        "images_per_s": round(meter.images / elapsed, 2),
         "tflops": round(tflops, 1),
         "mfu": round(tflops * 1e12 / H100_PEAK_FLOPS, 4),
         "step_time_s": round(elapsed / steps, 4),
-        "data_wait_fraction": round(data_wait / elapsed, 4),
+        "data_wait_fraction": round(meter.data_wait / elapsed, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
         "steps": steps,
         "config": cfg_dict,
@@ -113,7 +115,7 @@ def run_engine(a: argparse.Namespace) -> dict:
     from engine.training import pretrain
     from engine.training.arguments import parse_args
     from engine.training.loop import configure_model_config, make_forward_step, train_step
-    from engine.training.metrics import TrainableParts, batch_documents, step_flops
+    from engine.training.metrics import Throughput, TimedIterator
 
     flags = ["--model", a.preset, "--data-path", a.data_prefix, "--seq-length", str(a.seq_length),
              "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
@@ -134,42 +136,21 @@ def run_engine(a: argparse.Namespace) -> dict:
     configure_model_config(model, optimizer, args)
     train_iter, _ = pretrain.build_data(args, 0)
     cfg = args.model_config
-    trainable = TrainableParts(vision=not args.freeze_vision, projector=not args.freeze_projector,
-                               llm=not args.freeze_llm)
-
-    counters = {"tokens": 0.0, "images": 0.0, "flops": 0.0, "wait": 0.0}
-
-    class Counting:
-        """Times the wait for each micro-batch and counts what it holds."""
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            t = time.perf_counter()
-            batch = next(train_iter)
-            counters["wait"] += time.perf_counter() - t
-            lengths, n_img = batch_documents(batch, pretrain.PAD_ID)
-            counters["tokens"] += sum(lengths)
-            counters["images"] += n_img
-            counters["flops"] += step_flops(cfg, lengths, n_img, trainable)
-            return batch
-
-    it = Counting()
+    meter = Throughput()  # the trainer's own accounting: data wait, tokens, images, useful FLOPs
+    it = TimedIterator(train_iter, meter, pretrain.batch_counter(args))
     forward_step = make_forward_step(device)
     for _ in range(a.warmup):
         train_step(forward_step, it, model, optimizer, scheduler, args, device)
     _sync()
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    counters.update(tokens=0.0, images=0.0, flops=0.0, wait=0.0)
+    meter.reset()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         train_step(forward_step, it, model, optimizer, scheduler, args, device)
     _sync()
     elapsed = time.perf_counter() - t0
     backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
-    res = _result("engine", _config(a, cfg), a.steps, elapsed, counters["tokens"], counters["images"],
-                  counters["flops"], counters["wait"],
+    res = _result("engine", _config(a, cfg), a.steps, elapsed, meter,
                   {"attention_backend": backend, "transformer_engine": bool(info.has_te)})
     if a.profile:  # after the figures are read: the profiled step's batches must not count
         profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
@@ -261,7 +242,7 @@ class SeedStyleDocuments(torch.utils.data.Dataset):
                     break
                 ids.append(t)
                 labels.append(t if seen_image else IGNORE_INDEX)
-        pix = normalize(torch.from_numpy(__import__("numpy").stack(images))) if images else torch.zeros(0, 3, 336, 336)
+        pix = normalize(torch.from_numpy(np.stack(images))) if images else torch.zeros(0, 3, 336, 336)
         return torch.tensor(ids), torch.tensor(labels), pix
 
 
@@ -282,7 +263,7 @@ def run_hf(a: argparse.Namespace) -> dict:
     from engine.config import get_preset
     from engine.convert.llava_hf import hf_config
     from engine.data.format import IndexedDataset
-    from engine.training.metrics import TrainableParts, step_flops
+    from engine.training.metrics import Throughput, TimedIterator, TrainableParts, step_flops
 
     cfg = get_preset(a.preset, **({"num_layers": a.num_layers} if a.num_layers else {}))
     dev = torch.device("cuda")
@@ -312,20 +293,18 @@ def run_hf(a: argparse.Namespace) -> dict:
     ds = SeedStyleDocuments(a.data_prefix, a.seq_length, cfg.vision.tokens_per_image, order)
     loader = torch.utils.data.DataLoader(ds, batch_size=a.hf_micro_batch_size, collate_fn=_pad_collate,
                                          num_workers=a.num_workers, pin_memory=True, shuffle=False)
-    it = iter(loader)
     trainable = TrainableParts(vision=False, projector=True, llm=True)
-    counters = {"tokens": 0.0, "images": 0.0, "flops": 0.0, "wait": 0.0}
+
+    def count(batch):  # padding excluded: one document per row, its length from the mask
+        lengths, n_img = batch["attention_mask"].sum(1).tolist(), batch["pixel_values"].shape[0]
+        return sum(lengths), n_img, step_flops(cfg, lengths, n_img, trainable)
+
+    meter = Throughput()
+    it = TimedIterator(iter(loader), meter, count)
 
     def step():
         for _ in range(accum):
-            t = time.perf_counter()
             batch = next(it)
-            counters["wait"] += time.perf_counter() - t
-            lengths = batch["attention_mask"].sum(1).tolist()
-            n_img = batch["pixel_values"].shape[0]
-            counters["tokens"] += sum(lengths)
-            counters["images"] += n_img
-            counters["flops"] += step_flops(cfg, lengths, n_img, trainable)
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(**batch)
@@ -338,7 +317,7 @@ def run_hf(a: argparse.Namespace) -> dict:
         step()
     _sync()
     torch.cuda.reset_peak_memory_stats()
-    counters.update(tokens=0.0, images=0.0, flops=0.0, wait=0.0)
+    meter.reset()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step()
@@ -346,8 +325,7 @@ def run_hf(a: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - t0
     conf = _config(a, cfg) | {"micro_batch_size": a.hf_micro_batch_size, "documents_per_step": per_step,
                               "gradient_checkpointing": a.hf_gradient_checkpointing}
-    return _result("hf", conf, a.steps, elapsed, counters["tokens"], counters["images"], counters["flops"],
-                   counters["wait"], {"attention_backend": "sdpa", "padded_fraction": None})
+    return _result("hf", conf, a.steps, elapsed, meter, {"attention_backend": "sdpa"})
 
 
 def main() -> None:
