@@ -29,6 +29,22 @@ def _cudnn_thd():
         return None
 
 
+def median_cuda_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
+    """Median device time of `fn()` over `iters` runs after `warmup` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def backends():
     from torch.nn.attention.varlen import varlen_attn
 
@@ -98,18 +114,7 @@ def bench(fn, lengths, heads, dim, dev, iters=20):
         o = fn(q, k, v, cu, m)
         torch.autograd.grad(o, (q, k, v), go)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        step()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    t = sorted(times)[len(times) // 2]
+    t = median_cuda_seconds(step, iters=iters)
     flops = 6 * sum(s * s for s in lengths) * heads * dim
     return t, flops / t / 1e12
 

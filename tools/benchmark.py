@@ -71,19 +71,11 @@ def _sync():
 
 def matmul_ceiling() -> float:
     """Measured dense bf16 matmul TFLOP/s of this card (8192^3, random data, median of 20)."""
+    from bench_attention import median_cuda_seconds  # tools/ is on sys.path when run as a script
+
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e12
+    return 2 * n ** 3 / median_cuda_seconds(lambda: a @ b) / 1e12
 
 
 def _result(name, cfg_dict, steps, elapsed, meter, extra) -> dict:
