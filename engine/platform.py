@@ -113,10 +113,14 @@ def _apply_cpu_mode() -> None:
 
     # 4: the schedules module sees a `torch` whose `zeros(device="cuda")` lands on the CPU;
     # every other attribute is the real torch.
-    schedules.torch = _TorchOnCpu()
+    schedules.torch = TorchOnCpu()
 
 
-class _TorchOnCpu(types.ModuleType):
+class TorchOnCpu(types.ModuleType):
+    """The real torch, except that tensor factories asked for "cuda" build CPU tensors. Assigned
+    as the `torch` of an mcore module that allocates on "cuda" (here and in
+    engine/training/cpu_mode.py)."""
+
     def __init__(self):
         super().__init__("torch")
 
@@ -124,10 +128,23 @@ class _TorchOnCpu(types.ModuleType):
         return getattr(torch, name)
 
     @staticmethod
-    def zeros(*size, device=None, **kwargs):
+    def _on_cpu(kwargs: dict) -> dict:
+        device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
-            device = "cpu"
-        return torch.zeros(*size, device=device, **kwargs)
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._on_cpu(kwargs))
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._on_cpu(kwargs))
+
+    def ones(self, *args, **kwargs):
+        return torch.ones(*args, **self._on_cpu(kwargs))
+
+    def empty(self, *args, **kwargs):
+        return torch.empty(*args, **self._on_cpu(kwargs))
 
 
 def init_distributed(

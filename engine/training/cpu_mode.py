@@ -20,9 +20,10 @@ checkpoint resharding are tested without GPUs. megatron-core 0.19.2 assumes CUDA
 
 from __future__ import annotations
 
-import types
 
 import torch
+
+from engine.platform import TorchOnCpu
 
 _APPLIED = False
 
@@ -36,35 +37,6 @@ class _NullStream:
 
     def synchronize(self) -> None:
         pass
-
-
-class _TorchAllocatingOnCpu(types.ModuleType):
-    """The real torch, except that tensor factories asked for "cuda" build CPU tensors."""
-
-    def __init__(self):
-        super().__init__("torch")
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _device(kwargs: dict) -> dict:
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs["device"] = "cpu"
-        return kwargs
-
-    def tensor(self, *args, **kwargs):
-        return torch.tensor(*args, **self._device(kwargs))
-
-    def zeros(self, *args, **kwargs):
-        return torch.zeros(*args, **self._device(kwargs))
-
-    def ones(self, *args, **kwargs):
-        return torch.ones(*args, **self._device(kwargs))
-
-    def empty(self, *args, **kwargs):
-        return torch.empty(*args, **self._device(kwargs))
 
 
 def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -85,7 +57,7 @@ def apply() -> None:
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mcore_optimizer
 
-    proxy = _TorchAllocatingOnCpu()
+    proxy = TorchOnCpu()
     for module in (mcore_optimizer, clip_grads, mcore_utils):  # 1
         module.torch = proxy
 
