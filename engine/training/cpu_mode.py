@@ -20,7 +20,6 @@ checkpoint resharding are tested without GPUs. megatron-core 0.19.2 assumes CUDA
 
 from __future__ import annotations
 
-
 import torch
 
 from engine.platform import TorchOnCpu
