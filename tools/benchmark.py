@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--matmul-ceiling", action="store_true", help="also measure the card's bf16 matmul rate")
     p.add_argument("--json-out", default=None)
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--train-args", default="", metavar="FLAGS",
+                   help="more llava-pretrain flags for the engine, e.g. '--no-gradient-accumulation-fusion'")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="cap this process's GPU memory (e.g. 80 to check that a run fits an 80 GB card)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, profile one engine step: top kernels printed, trace to DIR")
     return p.parse_args()
@@ -120,6 +125,7 @@ def run_engine(a: argparse.Namespace) -> dict:
         flags += ["--recompute-granularity", a.recompute_granularity]
     if torch.cuda.is_available():
         flags += ["--bf16"]
+    flags += shlex.split(a.train_args)
     args = parse_args(flags)
     info = setup_platform()
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
@@ -142,8 +148,9 @@ def run_engine(a: argparse.Namespace) -> dict:
     _sync()
     elapsed = time.perf_counter() - t0
     backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
-    res = _result("engine", _config(a, cfg), a.steps, elapsed, meter,
-                  {"attention_backend": backend, "transformer_engine": bool(info.has_te)})
+    res = _result("engine", _config(a, cfg) | {"train_args": a.train_args}, a.steps, elapsed, meter,
+                  {"attention_backend": backend, "transformer_engine": bool(info.has_te),
+                   "gradient_accumulation_fusion": args.gradient_accumulation_fusion})
     if a.profile:  # after the figures are read: the profiled step's batches must not count
         profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
     del model, optimizer, scheduler
@@ -324,6 +331,9 @@ def main() -> None:
     a = parse()
     if a.global_batch_size % a.micro_batch_size:
         sys.exit("--global-batch-size must be a multiple of --micro-batch-size")
+    if a.memory_limit_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_limit_gib * 2 ** 30 / total))
     rows = []
     if not a.skip_engine:
         rows.append(run_engine(a))

@@ -5,11 +5,14 @@
 #
 # Where packages are missing (no internet), put wheels in .whl/ (megatron-core,
 # optionally nvidia-cudnn-frontend) and set LLAVA_TOKENIZER_MODEL to a tokenizer.model copy.
-# Set GPU_CHECK_STAGES to a subset of "tests bench4096 bench8192 attention" to run less.
+# Set GPU_CHECK_STAGES to a subset of "tests kernels bench4096 ablate4096 bench8192 maxlayers attention"
+# to run less. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (14: the most that
+# fit in 80 GiB, checked with --memory-limit-gib 80), BENCH_PROFILE=1 (profile one 4096 step).
 set -uo pipefail
 DATA=${1:?usage: tools/gpu_check.sh DATA_PREFIX [OUT_DIR]}
 OUT_DIR=${2:-out/gpu_check}
 STAGES=${GPU_CHECK_STAGES:-tests bench4096 bench8192}
+L=${BENCH_LAYERS:-8} MBS=${BENCH_MBS:-2} STEPS=${BENCH_STEPS:-6}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -28,14 +31,29 @@ for stage in $STAGES; do
         [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     attention)
         python3 tools/bench_attention.py --json-out "$OUT_DIR/attention.jsonl" 2>&1 | tail -8 ;;
+    kernels)
+        python3 tools/bench_kernels.py --json-out "$OUT_DIR/kernels.jsonl" 2>&1 | tail -8 ;;
     bench4096)
-        python3 tools/benchmark.py --preset llava-7b-bench --num-layers "${BENCH_LAYERS:-8}" --data-prefix "$DATA" \
-            --seq-length 4096 --global-batch-size 8 --steps "${BENCH_STEPS:-6}" --baseline hf --matmul-ceiling \
-            --json-out "$OUT_DIR/bench_4096.jsonl" 2>&1 | grep -v -i warn | tail -8 ;;
+        python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
+            --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" --baseline hf \
+            --matmul-ceiling ${BENCH_PROFILE:+--profile "$OUT_DIR/profile4096"} \
+            --json-out "$OUT_DIR/bench_4096.jsonl" 2>&1 | grep -v -i warn | grep -v "^ " | tail -12 ;;
+    ablate4096)  # the same engine run without the fused weight-gradient accumulation
+        python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
+            --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" \
+            --train-args "--no-gradient-accumulation-fusion" \
+            --json-out "$OUT_DIR/ablate_4096_no_wgrad_fusion.jsonl" 2>&1 | grep -v -i warn | tail -4 ;;
     bench8192)
-        python3 tools/benchmark.py --preset llava-7b-bench --num-layers "${BENCH_LAYERS:-8}" --data-prefix "$DATA" \
-            --seq-length 8192 --global-batch-size 4 --steps "${BENCH_STEPS:-6}" \
-            --json-out "$OUT_DIR/bench_8192.jsonl" 2>&1 | grep -v -i warn | tail -8 ;;
+        python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
+            --seq-length 8192 --micro-batch-size 1 --global-batch-size 4 --steps "$STEPS" \
+            --json-out "$OUT_DIR/bench_8192.jsonl" 2>&1 | grep -v -i warn | tail -4 ;;
+    maxlayers)  # the most layers an 80 GB H100 holds without recompute, at 4096 and 8192
+        for seq in 4096 8192; do
+            python3 tools/benchmark.py --preset llava-7b-bench --num-layers "${BENCH_MAX_LAYERS:-14}" \
+                --data-prefix "$DATA" --seq-length $seq --micro-batch-size $((8192 / seq)) \
+                --global-batch-size $((32768 / seq)) --steps "$STEPS" --memory-limit-gib 80 \
+                --json-out "$OUT_DIR/bench_${seq}_max_layers.jsonl" 2>&1 | grep -v -i warn | tail -4
+        done ;;
     esac
 done
 exit $status

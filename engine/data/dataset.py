@@ -33,6 +33,15 @@ SPLITS = ("train", "valid", "test")
 
 _MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+_STATS_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean/std on `device`, copied there once: a copy from pageable host memory on every
+    micro-batch would block the host until the GPU drained its queue (one stall per micro-batch)."""
+    if device not in _STATS_ON:
+        _STATS_ON[device] = (_MEAN.to(device), _STD.to(device))
+    return _STATS_ON[device]
 
 
 def normalize_channels_first(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,7 +51,8 @@ def normalize_channels_first(pixels: torch.Tensor, out: torch.Tensor | None = No
     if out is None:
         out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
     out.copy_(pixels.permute(0, 3, 1, 2))
-    return out.mul_(1 / 255).sub_(_MEAN.to(out.device)).div_(_STD.to(out.device))
+    mean, std = _clip_stats(out.device)
+    return out.mul_(1 / 255).sub_(mean).div_(std)
 
 
 class SampleError(RuntimeError):

@@ -17,6 +17,9 @@ document per row is the common case): then the packed tensor is just a [n, L] ba
 SDPA call runs torch's default pick (cuDNN on an H100), about twice as fast as varlen for the same
 work (fwd+bwd, 32 heads of 128, bf16, H100: 4x1024 197 vs 103 TFLOP/s, 1x4096 397 vs 198). The lengths come from the host copy of `cu_seqlens`, so this check never syncs the device.
 
+For packed documents the core attention also applies RoPE to q and k (angles per token in
+`PackedDocuments`, one fused kernel; see `engine.model.fusions`).
+
 Attention never crosses a document boundary: each segment of `cu_seqlens` is its own causal
 sequence. The vision tower's attention is dense and bidirectional over 577 tokens (one image per
 batch row), so it takes the plain SDPA path (no packed params).
@@ -37,6 +40,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from engine.model.fusions import apply_rope
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("te", "flash_attn", "varlen", "sdpa")
@@ -47,13 +52,17 @@ _HALF = (torch.bfloat16, torch.float16)
 class PackedDocuments(PackedSeqParams):
     """`PackedSeqParams` (qkv_format='thd') as the torch-native spec uses them.
 
-    `cu_seqlens_q/kv` live on the host: mcore's THD RoPE helper walks them with `.tolist()` and
-    `.item()` in every layer, which on a device tensor would stall the GPU twice per layer. The
-    kernels read `cu_seqlens_device`; `lengths` are the document lengths as Python ints.
+    `cu_seqlens_q/kv` live on the host (a device tensor there would cost a device-to-host sync
+    wherever mcore reads them); the kernels read `cu_seqlens_device`; `lengths` are the document
+    lengths as Python ints. `rope_cos`/`rope_sin` [T, 1, d]: each token's rotary angles, computed
+    once per micro-batch; the core attention rotates q and k with them in one fused kernel
+    (`engine.model.fusions.apply_rope`), so mcore's layers get no `rotary_pos_emb`.
     """
 
     cu_seqlens_device: Tensor | None = None
     lengths: tuple[int, ...] = ()
+    rope_cos: Tensor | None = None
+    rope_sin: Tensor | None = None
 
 
 def select_attention_backend(requested: str, *, device: str, half_precision: bool,
@@ -131,6 +140,8 @@ class PackedCoreAttention(MegatronModule):
             return self._dense(query, key, value)
         if not isinstance(packed_seq_params, PackedDocuments) or packed_seq_params.qkv_format != "thd":
             raise TypeError("PackedCoreAttention expects engine.model.attention.PackedDocuments (qkv_format='thd')")
+        if packed_seq_params.rope_cos is not None:
+            query, key = apply_rope(query, key, packed_seq_params.rope_cos, packed_seq_params.rope_sin)
         out = packed_attention(query, key, value, packed_seq_params, causal=self.causal, scale=self.scale,
                                backend=self.backend)
         return out.reshape(out.size(0), -1)

@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from engine.config import ModelConfig
 from engine.model import specs
 from engine.model.attention import PackedDocuments, select_attention_backend
+from engine.model.fusions import install_wgrad_accumulation, rope_tables
 from engine.model.vision import CLIPVisionTower
 from engine.platform import setup_platform
 
@@ -248,7 +249,7 @@ class LLaVAModel(MegatronModule):
         tokens = batch["tokens"]
         b, s = tokens.shape
         docs = self._documents(batch, b * s, tokens.device)
-        rotary = self._rotary(batch["position_ids"], docs)
+        rotary = self._rotary(batch["position_ids"], docs)  # None: the core attention applies RoPE
         hidden = self._embed(batch) if self.pre_process else None  # else: set_input_tensor's
         hidden = self.language_model.decoder(
             hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=docs)
@@ -295,26 +296,32 @@ class LLaVAModel(MegatronModule):
                                max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
                                cu_seqlens_device=on_device, lengths=tuple(lengths))
 
-    def _rotary(self, position_ids: Tensor, docs: PackedSeqParams) -> Tensor:
+    def _rotary(self, position_ids: Tensor, docs: PackedSeqParams) -> Tensor | None:
         """RoPE angles. TE's fused THD kernel takes the [max_seqlen] table and counts positions
-        per document itself; for the torch-native spec we gather one row per token from
-        `position_ids` (which restart at every document), so mcore applies RoPE to all tokens in
-        one vectorised op instead of one small op per document."""
+        per document itself (returned for mcore's layers to pass on). For the torch-native spec
+        we gather one row per token from `position_ids` (which restart at every document) and
+        store its cos/sin in `docs`, once per micro-batch, for `PackedCoreAttention`'s fused RoPE;
+        mcore's layers then get no angles (None)."""
         table = self.language_model.rotary_pos_emb(docs.max_seqlen_q, packed_seq=True)  # [L, 1, 1, d]
         if specs.uses_te(self.attention_backend):
             return table
-        return table.to(position_ids.device)[position_ids.reshape(-1)]
+        docs.rope_cos, docs.rope_sin = rope_tables(table.to(position_ids.device)[position_ids.reshape(-1)])
+        return None
 
 
 def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_process: bool | None = None,
                 params_dtype: torch.dtype = torch.float32, bf16: bool = False, sequence_parallel: bool = False,
                 recompute_granularity: str | None = None, attention_backend: str = "auto",
                 freeze_vision: bool = True, freeze_projector: bool = False, freeze_llm: bool = False,
-                **config_overrides) -> LLaVAModel:
+                gradient_accumulation_fusion: bool = False, **config_overrides) -> LLaVAModel:
     """This rank's stage of LLaVA, on this rank's device. TP/PP sizes and ranks come from
     megatron.core.parallel_state (see engine.platform.init_distributed). `pre_process` /
     `post_process` default to "first / last pipeline stage". `config_overrides` go to the
-    language model's TransformerConfig (e.g. deallocate_pipeline_outputs=True)."""
+    language model's TransformerConfig (e.g. deallocate_pipeline_outputs=True).
+
+    `gradient_accumulation_fusion`: weight gradients accumulate into `param.main_grad` inside
+    the GEMM (engine.model.fusions). Only for a model that megatron-core's DDP will wrap (it
+    creates `main_grad`); a bare model's backward would have nowhere to put them."""
     info = setup_platform()
     tp, pp = _parallel_sizes()
     cfg.validate()
@@ -327,14 +334,16 @@ def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_proce
         attention_backend, device=info.device, half_precision=bf16 or params_dtype in (torch.bfloat16, torch.float16),
         has_te=info.has_te, has_flash_attn=info.has_flash_attn)
     use_te = specs.uses_te(backend)
-    dtypes = dict(params_dtype=params_dtype, bf16=bf16)
+    if gradient_accumulation_fusion:
+        install_wgrad_accumulation()
+    shared = dict(params_dtype=params_dtype, bf16=bf16, gradient_accumulation_fusion=gradient_accumulation_fusion)
     model = LLaVAModel(
         cfg,
         language_config=language_transformer_config(
             cfg, sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
-            use_te=use_te, **dtypes, **config_overrides),
-        vision_config=vision_transformer_config(cfg, **dtypes),
-        projector_config=projector_transformer_config(cfg, **dtypes),
+            use_te=use_te, **shared, **config_overrides),
+        vision_config=vision_transformer_config(cfg, **shared),
+        projector_config=projector_transformer_config(cfg, **shared),
         attention_backend=backend,
         pre_process=pre_process,
         post_process=post_process,

@@ -110,6 +110,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-skipped-steps", type=int, default=5,
                    help="steps with a NaN/Inf loss or gradients are skipped (no update); after this many in "
                         "a row the run saves its last good state and stops with exit status 3")
+    g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight-gradient GEMMs accumulate straight into the fp32 gradient buffer "
+                        "(engine/model/fusions.py) instead of a bf16 gradient plus a separate add")
     g.add_argument("--eval-interval", type=int, default=1000, help="0: no evaluation")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
 

@@ -3,7 +3,7 @@
 - `wrap_ddp`: mcore DistributedDataParallel: gradients land in contiguous fp32 buckets and are
   reduced (reduce-scatter with the distributed optimizer) bucket by bucket while the backward
   pass is still running (`--overlap-grad-reduce`).
-- `build_optimizer`: `get_megatron_optimizer` → Adam(W) with fp32 main weights for bf16 models,
+- `build_optimizer`: `get_megatron_optimizer` → Adam(W) (torch's fused kernel) with fp32 main weights for bf16 models,
   its state sharded over data-parallel ranks (`--use-distributed-optimizer`), global-norm
   gradient clipping (`--clip-grad`) done inside `optimizer.step()`; weight decay is skipped for
   biases and norm weights (mcore's standard parameter groups).
@@ -55,7 +55,23 @@ def build_optimizer(model_chunks: list, args: argparse.Namespace):
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_param_gather=args.overlap_param_gather and args.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    use_fused_adam(optimizer)
+    return optimizer
+
+
+def use_fused_adam(optimizer) -> None:
+    """Without apex/TE, megatron-core falls back to torch's AdamW with its default multi-tensor
+    (`foreach`) kernels, several launches per chunk of tensors; torch's single fused kernel does
+    the same update in one pass over the fp32 main weights and state. Set on every param group
+    before any state exists, so each `step` counter is created on the weights' device."""
+    for megatron_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(megatron_opt, "optimizer", None)
+        if not isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in torch_opt.param_groups:
+            group["foreach"], group["fused"] = False, True
+        torch_opt.defaults.update(foreach=False, fused=True)
 
 
 def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:

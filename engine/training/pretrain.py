@@ -92,6 +92,7 @@ def build_model_and_optimizer(args: argparse.Namespace):
         freeze_vision=args.freeze_vision,
         freeze_projector=args.freeze_projector,
         freeze_llm=args.freeze_llm,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         # loop.py: the loss is averaged over the supervised tokens of the whole global batch.
         calculate_per_token_loss=True,
     )
