@@ -47,12 +47,16 @@ for stage in $STAGES; do
         python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
             --seq-length 8192 --micro-batch-size 1 --global-batch-size 4 --steps "$STEPS" \
             --json-out "$OUT_DIR/bench_8192.jsonl" 2>&1 | grep -v -i warn | tail -4 ;;
-    maxlayers)  # the most layers an 80 GB H100 holds without recompute, at 4096 and 8192
+    maxlayers)  # the most layers an 80 GB H100 (79.6 GiB) holds without recompute, at 4096 and 8192
         for seq in 4096 8192; do
-            python3 tools/benchmark.py --preset llava-7b-bench --num-layers "${BENCH_MAX_LAYERS:-14}" \
-                --data-prefix "$DATA" --seq-length $seq --micro-batch-size $((8192 / seq)) \
-                --global-batch-size $((32768 / seq)) --steps "$STEPS" --memory-limit-gib 80 \
-                --json-out "$OUT_DIR/bench_${seq}_max_layers.jsonl" 2>&1 | grep -v -i warn | tail -4
+            for n in ${BENCH_MAX_LAYERS:-16 14}; do
+                python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$n" \
+                    --data-prefix "$DATA" --seq-length $seq --micro-batch-size $((8192 / seq)) \
+                    --global-batch-size $((32768 / seq)) --steps "$STEPS" --memory-limit-gib 79.6 \
+                    --json-out "$OUT_DIR/bench_${seq}_${n}_layers.jsonl" > "$OUT_DIR/maxlayers.log" 2>&1 \
+                    && { tail -1 "$OUT_DIR/maxlayers.log"; BENCH_MAX_LAYERS=$n; break; }
+                echo "# $n layers at $seq: $(grep -o 'OutOfMemoryError[^.]*' "$OUT_DIR/maxlayers.log" | head -1)"
+            done
         done ;;
     esac
 done

@@ -80,8 +80,10 @@ def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Te
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
-# Shapes are fixed for a run (B*S tokens, heads, head dim): compile for exactly them.
-_rope_qk_compiled = torch.compile(_rope_qk, fullgraph=True, dynamic=False)
+# Not fullgraph: past the recompile limit (many shapes and dtypes in one process, as in a test
+# session) dynamo falls back to running the same function eagerly instead of failing. A second
+# token count makes that dimension dynamic (generation), so one run compiles once or twice.
+_rope_qk_compiled = torch.compile(_rope_qk)
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
