@@ -6,8 +6,9 @@
 # Where packages are missing (no internet), put wheels in .whl/ (megatron-core,
 # optionally nvidia-cudnn-frontend) and set LLAVA_TOKENIZER_MODEL to a tokenizer.model copy.
 # Set GPU_CHECK_STAGES to a subset of "tests kernels bench4096 ablate4096 bench8192 maxlayers attention"
-# to run less. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (14: the most that
-# fit in 80 GiB, checked with --memory-limit-gib 80), BENCH_PROFILE=1 (profile one 4096 step).
+# to run less. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (layer counts to
+# try under an 80 GB cap, "16 14"), BENCH_ABLATE (flags to turn off one at a time),
+# BENCH_PROFILE=1 (profile one 4096 step).
 set -uo pipefail
 DATA=${1:?usage: tools/gpu_check.sh DATA_PREFIX [OUT_DIR]}
 OUT_DIR=${2:-out/gpu_check}
@@ -38,11 +39,14 @@ for stage in $STAGES; do
             --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" --baseline hf \
             --matmul-ceiling ${BENCH_PROFILE:+--profile "$OUT_DIR/profile4096"} \
             --json-out "$OUT_DIR/bench_4096.jsonl" 2>&1 | grep -v -i warn | grep -v "^ " | tail -12 ;;
-    ablate4096)  # the same engine run without the fused weight-gradient accumulation
-        python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
-            --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" \
-            --train-args "--no-gradient-accumulation-fusion" \
-            --json-out "$OUT_DIR/ablate_4096_no_wgrad_fusion.jsonl" 2>&1 | grep -v -i warn | tail -4 ;;
+    ablate4096)  # the same engine run with one fusion off at a time (BENCH_ABLATE: flags, ';'-separated)
+        IFS=';' read -ra ablations <<< "${BENCH_ABLATE:---no-gradient-accumulation-fusion;--no-cross-entropy-loss-fusion}"
+        for flag in "${ablations[@]}"; do
+            python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
+                --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" \
+                --train-args "$flag" --json-out "$OUT_DIR/ablate_4096_${flag//[^a-z]/}.jsonl" 2>&1 \
+                | grep -v -i warn | tail -2
+        done ;;
     bench8192)
         python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
             --seq-length 8192 --micro-batch-size 1 --global-batch-size 4 --steps "$STEPS" \

@@ -113,6 +113,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=True,
                    help="weight-gradient GEMMs accumulate straight into the fp32 gradient buffer "
                         "(engine/model/fusions.py) instead of a bf16 gradient plus a separate add")
+    g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused vocab-parallel cross-entropy (default: on for bf16 on CUDA)")
     g.add_argument("--eval-interval", type=int, default=1000, help="0: no evaluation")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
 
@@ -298,6 +300,9 @@ def validate_args(args: argparse.Namespace, world_size: int, check_paths: bool =
         import torch
 
         args.bf16 = torch.cuda.is_available()
+    if args.cross_entropy_loss_fusion and not args.bf16:
+        raise ConfigError("--cross-entropy-loss-fusion needs --bf16 (megatron-core's fused kernel "
+                          "returns bf16 logit gradients)")
 
     model_cfg = model_config_from_args(args)
     _check_model_layout(model_cfg, args)
