@@ -27,6 +27,7 @@ def test_defaults_reproduce_the_seed_recipe(tiny_dataset):
     assert args.freeze_vision and not args.freeze_projector and not args.freeze_llm
     assert args.max_num_images == 12
     assert args.use_distributed_optimizer and args.overlap_grad_reduce
+    assert args.gradient_accumulation_fusion and args.cross_entropy_loss_fusion is None  # None: on with bf16
     assert (args.data_parallel_size, args.global_batch_size, args.num_microbatches) == (8, 8, 1)
 
 
@@ -90,6 +91,8 @@ def test_layout_and_length_checks(tiny_dataset, tmp_path):
         parse_args(["--data-path", tiny_dataset, "--seq-length", "8192", "--train-iters", "1"])
     with pytest.raises(ConfigError, match="--freeze-llm trains only what lives on the first pipeline stage"):
         _args(tiny_dataset, "--freeze-llm", "--pipeline-model-parallel-size", 2, world_size=2)
+    with pytest.raises(ConfigError, match="--cross-entropy-loss-fusion needs --bf16"):
+        _args(tiny_dataset, "--cross-entropy-loss-fusion", "--no-bf16")
     with pytest.raises(ConfigError, match="--load .*: no such directory"):
         _args(tiny_dataset, "--load", tmp_path / "typo", "--save", tmp_path / "ckpt")
     # --load naming the (not yet existing) --save directory is the self-resuming job: fine.
