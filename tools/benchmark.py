@@ -61,7 +61,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--json-out", default=None)
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--train-args", default="", metavar="FLAGS",
-                   help="more llava-pretrain flags for the engine, e.g. '--no-gradient-accumulation-fusion'")
+                   help="more llava-pretrain flags for the engine, e.g. --train-args=--no-gradient-accumulation-fusion")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="cap this process's GPU memory (e.g. 80 to check that a run fits an 80 GB card)")
     p.add_argument("--profile", default=None, metavar="DIR",

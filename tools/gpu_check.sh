@@ -7,7 +7,7 @@
 # optionally nvidia-cudnn-frontend) and set LLAVA_TOKENIZER_MODEL to a tokenizer.model copy.
 # Set GPU_CHECK_STAGES to a subset of "tests kernels bench4096 ablate4096 bench8192 maxlayers attention"
 # to run less. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (layer counts to
-# try under an 80 GB cap, "16 14"), BENCH_ABLATE (flags to turn off one at a time),
+# try under an 80 GB cap, "15 14"), BENCH_ABLATE (flags to turn off one at a time),
 # BENCH_PROFILE=1 (profile one 4096 step).
 set -uo pipefail
 DATA=${1:?usage: tools/gpu_check.sh DATA_PREFIX [OUT_DIR]}
@@ -44,7 +44,7 @@ for stage in $STAGES; do
         for flag in "${ablations[@]}"; do
             python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
                 --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" \
-                --train-args "$flag" --json-out "$OUT_DIR/ablate_4096_${flag//[^a-z]/}.jsonl" 2>&1 \
+                --train-args="$flag" --json-out "$OUT_DIR/ablate_4096_${flag//[^a-z]/}.jsonl" 2>&1 \
                 | grep -v -i warn | tail -2
         done ;;
     bench8192)
@@ -53,12 +53,12 @@ for stage in $STAGES; do
             --json-out "$OUT_DIR/bench_8192.jsonl" 2>&1 | grep -v -i warn | tail -4 ;;
     maxlayers)  # the most layers an 80 GB H100 (79.6 GiB) holds without recompute, at 4096 and 8192
         for seq in 4096 8192; do
-            for n in ${BENCH_MAX_LAYERS:-16 14}; do
+            for n in ${BENCH_MAX_LAYERS:-15 14}; do
                 python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$n" \
                     --data-prefix "$DATA" --seq-length $seq --micro-batch-size $((8192 / seq)) \
                     --global-batch-size $((32768 / seq)) --steps "$STEPS" --memory-limit-gib 79.6 \
                     --json-out "$OUT_DIR/bench_${seq}_${n}_layers.jsonl" > "$OUT_DIR/maxlayers.log" 2>&1 \
-                    && { tail -1 "$OUT_DIR/maxlayers.log"; BENCH_MAX_LAYERS=$n; break; }
+                    && { grep "^{" "$OUT_DIR/maxlayers.log" | tail -1; BENCH_MAX_LAYERS=$n; break; }
                 echo "# $n layers at $seq: $(grep -o 'OutOfMemoryError[^.]*' "$OUT_DIR/maxlayers.log" | head -1)"
             done
         done ;;
