@@ -174,6 +174,7 @@ def profile_step(out_dir: str, step) -> None:
     span, busy, idle = kernel_timeline(trace)
     print(f"# profile: wall {wall * 1e3:.1f} ms (profiler overhead included); kernels span {span:.1f} ms, "
           f"busy {busy:.1f} ms, GPU idle between kernels {idle:.1f} ms ({idle / span:.0%})", flush=True)
+    print("# kernel time by kind (ms): " + json.dumps(kernel_breakdown(trace)), flush=True)
     events = prof.key_averages()
     table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
     (Path(out_dir) / "engine_step_kernels.txt").write_text(table)
@@ -194,6 +195,35 @@ def kernel_timeline(trace: Path) -> tuple[float, float, float]:
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     return (end - kernels[0][0]) / 1e3, busy / 1e3, idle / 1e3
+
+
+KERNEL_KINDS = (  # first match wins: flash kernels carry "cutlass" in their names too
+    ("attention", ("flash", "sdpa", "fmha")),
+    ("matmul", ("nvjet", "gemm", "cutlass")),
+    ("optimizer", ("FusedOptimizer", "multi_tensor_apply")),
+    ("concatenation", ("CatArray",)),
+    ("swiglu (compiled)", ("silu",)),
+    ("rope (compiled)", ("triton_poi_fused__to_copy_add_cat_mul_neg",)),
+    ("norm", ("layer_norm", "rms_norm", "GammaBeta")),
+    ("elementwise", ("elementwise", "copy")),
+)
+
+
+def kernel_breakdown(trace: Path) -> dict[str, float]:
+    """Kernel time in ms by kind (KERNEL_KINDS, else "other") from a chrome trace
+    (`.json` or `.json.gz`), largest first."""
+    import gzip
+
+    opener = gzip.open if str(trace).endswith(".gz") else open
+    with opener(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "kernel" or "dur" not in e:
+            continue
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in e["name"] for key in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + e["dur"] / 1e3
+    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def _config(a, cfg) -> dict:

@@ -7,7 +7,7 @@
 # optionally nvidia-cudnn-frontend) and set LLAVA_TOKENIZER_MODEL to a tokenizer.model copy.
 # Set GPU_CHECK_STAGES to a subset of "tests kernels bench4096 ablate4096 bench8192 maxlayers attention"
 # to run less. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (layer counts to
-# try under an 80 GB cap, "15 14"), BENCH_ABLATE (flags to turn off one at a time),
+# try under an 80 GB cap, "15 14"), BENCH_ABLATE (flags to change one at a time),
 # BENCH_PROFILE=1 (profile one 4096 step).
 set -uo pipefail
 DATA=${1:?usage: tools/gpu_check.sh DATA_PREFIX [OUT_DIR]}
@@ -39,8 +39,8 @@ for stage in $STAGES; do
             --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" --baseline hf \
             --matmul-ceiling ${BENCH_PROFILE:+--profile "$OUT_DIR/profile4096"} \
             --json-out "$OUT_DIR/bench_4096.jsonl" 2>&1 | grep -v -i warn | grep -v "^ " | tail -12 ;;
-    ablate4096)  # the same engine run with one fusion off at a time (BENCH_ABLATE: flags, ';'-separated)
-        IFS=';' read -ra ablations <<< "${BENCH_ABLATE:---no-gradient-accumulation-fusion;--no-cross-entropy-loss-fusion}"
+    ablate4096)  # the same engine run with one setting changed at a time (BENCH_ABLATE: flags, ';'-separated)
+        IFS=';' read -ra ablations <<< "${BENCH_ABLATE:---no-gradient-accumulation-fusion;--cross-entropy-loss-fusion}"
         for flag in "${ablations[@]}"; do
             python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
                 --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" \

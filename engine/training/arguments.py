@@ -113,8 +113,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=True,
                    help="weight-gradient GEMMs accumulate straight into the fp32 gradient buffer "
                         "(engine/model/fusions.py) instead of a bf16 gradient plus a separate add")
-    g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused vocab-parallel cross-entropy (default: on for bf16 on CUDA)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron-core's fused vocab-parallel cross-entropy (bf16 only; no faster here, "
+                        "~1 GiB more memory: docs/benchmarks.md)")
     g.add_argument("--eval-interval", type=int, default=1000, help="0: no evaluation")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
 

@@ -93,8 +93,7 @@ def build_model_and_optimizer(args: argparse.Namespace):
         freeze_projector=args.freeze_projector,
         freeze_llm=args.freeze_llm,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
-        **({} if args.cross_entropy_loss_fusion is None else
-           {"cross_entropy_loss_fusion": args.cross_entropy_loss_fusion}),
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
         # loop.py: the loss is averaged over the supervised tokens of the whole global batch.
         calculate_per_token_loss=True,
     )

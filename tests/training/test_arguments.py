@@ -27,7 +27,7 @@ def test_defaults_reproduce_the_seed_recipe(tiny_dataset):
     assert args.freeze_vision and not args.freeze_projector and not args.freeze_llm
     assert args.max_num_images == 12
     assert args.use_distributed_optimizer and args.overlap_grad_reduce
-    assert args.gradient_accumulation_fusion and args.cross_entropy_loss_fusion is None  # None: on with bf16
+    assert args.gradient_accumulation_fusion and not args.cross_entropy_loss_fusion
     assert (args.data_parallel_size, args.global_batch_size, args.num_microbatches) == (8, 8, 1)
 
 
