@@ -40,15 +40,25 @@ def _accumulated_grads(ddp, batch, micro_batches: int = 3) -> dict:
     return {n: p.main_grad.clone() for n, p in ddp.module.named_parameters() if p.requires_grad}
 
 
-def test_wgrad_accumulation_equals_unfused_path(mcore, batch):
-    assert fusions.install_wgrad_accumulation() in ("torch", "apex")
+def test_wgrad_accumulation_equals_unfused_path(mcore, batch, monkeypatch):
+    assert fusions.install_wgrad_accumulation() == "torch"  # no apex here
+    calls = []
+
+    def counted(total_input, grad_output, main_grad):
+        calls.append(tuple(main_grad.shape))
+        fusions.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+
+    monkeypatch.setattr(fusions.TORCH_WGRAD, "wgrad_gemm_accum_fp32", counted)
     fused, plain = _ddp_model(True), _ddp_model(False)
     linear = fused.module.language_model.decoder.layers[0].mlp.linear_fc1
     assert linear.gradient_accumulation_fusion and not plain.module.language_model.output_layer.gradient_accumulation_fusion
-    g_fused, g_plain = _accumulated_grads(fused, batch), _accumulated_grads(plain, batch)
+    g_plain = _accumulated_grads(plain, batch)
+    assert not calls
+    g_fused = _accumulated_grads(fused, batch)
+    # every trainable linear weight (LLM layers, output layer, projector) went through it, 3 times
+    linears = [n for n in g_fused if n.endswith("weight") and ("linear" in n or "output_layer" in n)]
+    assert len(calls) == 3 * len(linears) and (tuple(linear.weight.shape)) in calls
     assert g_fused.keys() == g_plain.keys()
-    # linear weights of the LLM, its output layer and the projector went through the fused GEMM
-    assert any(n.endswith("linear_fc1.weight") for n in g_fused) and any("output_layer" in n for n in g_fused)
     for name in g_fused:
         assert g_plain[name].abs().sum() > 0, name
         torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
