@@ -67,7 +67,7 @@ def use_fused_adam(optimizer) -> None:
     before any state exists, so each `step` counter is created on the weights' device."""
     for megatron_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_opt = getattr(megatron_opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
+        if not isinstance(torch_opt, torch.optim.Adam):  # AdamW included (a subclass)
             continue
         for group in torch_opt.param_groups:
             group["foreach"], group["fused"] = False, True

@@ -14,8 +14,9 @@ import benchmark  # noqa: E402
 
 
 def test_kernel_breakdown_of_a_recorded_trace():
-    kinds = benchmark.kernel_breakdown(TRACE)
-    kernels = [e for e in json.load(gzip.open(TRACE))["traceEvents"] if e.get("cat") == "kernel"]
+    kernels = benchmark.trace_kernels(TRACE)
+    assert kernels == [e for e in json.load(gzip.open(TRACE))["traceEvents"] if e.get("cat") == "kernel"]
+    kinds = benchmark.kernel_breakdown(kernels)
     assert abs(sum(kinds.values()) - sum(e["dur"] for e in kernels) / 1e3) < 0.1 * len(kinds)
     assert list(kinds)[0] == "matmul" and kinds["matmul"] > 0.6 * sum(kinds.values())
     flash = sum(e["dur"] for e in kernels if "flash" in e["name"]) / 1e3
@@ -28,5 +29,5 @@ def test_kernel_timeline_counts_overlap_once(tmp_path):
               {"cat": "kernel", "name": "c", "ts": 30, "dur": 5}, {"cat": "cpu_op", "name": "x", "ts": 0, "dur": 99}]
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    span, busy, idle = benchmark.kernel_timeline(trace)
+    span, busy, idle = benchmark.kernel_timeline(benchmark.trace_kernels(trace))
     assert (span, busy, idle) == (0.035, 0.02, 0.015)
