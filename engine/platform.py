@@ -1,31 +1,20 @@
-"""Where we run: device and collective backend, optional kernels, and megatron-core's CPU mode.
+"""Where we run: device and collective backend, optional kernels, process groups.
 
 `setup_platform()` is called once by every entry point (training, tools, tests) before any
 megatron-core model is built. It detects CUDA and the optional accelerators (Transformer Engine,
-flash-attn, apex) and, only when CUDA is absent, applies the small set of patches below so the very
-same megatron-core code runs on CPU processes talking over gloo. That is how tensor and pipeline
-parallel numerics are tested on machines without GPUs. With CUDA present nothing is patched.
-
-megatron-core 0.19 assumes CUDA in exactly these places on our code path:
-  1. `torch.cuda.current_device()` picks the device of new tensors (RoPE frequencies, pipeline p2p
-     receive buffers)                                          -> returns "cpu"
-  2. `torch.cuda.synchronize()` after pipeline p2p transfers   -> no-op
-  3. the model-parallel RNG tracker snapshots CUDA generator states in `add`/`fork` (weight init of
-     parallel layers, dropout in TP regions)                   -> no-ops (there is one CPU generator)
-  4. `pipeline_parallel/schedules.py` allocates its token counters with `device="cuda"`
-                                                               -> allocated on the CPU
-mcore's local DotProductAttention also builds a causal mask on "cuda"; our own core attention
-(`engine.model.attention`) never needs it, so it is not patched.
+flash-attn) and, only when CUDA is absent, installs megatron-core's CPU mode
+(`engine.patches.install_cpu_mode`) so the very same megatron-core code runs on CPU processes
+talking over gloo. That is how tensor and pipeline parallel numerics are tested on machines
+without GPUs. Which kernels a run uses is decided from this information once, by
+`engine.model.specs.plan_kernels`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import importlib.util
 import logging
 import os
-import types
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +29,6 @@ class PlatformInfo:
     device_name: str
     has_te: bool  # transformer_engine.pytorch imports
     has_flash_attn: bool  # flash_attn (Dao-AILab) imports
-    has_apex: bool
-    cpu_mode: bool  # the megatron-core CPU patches are active
 
 
 @dataclass(frozen=True)
@@ -72,7 +59,7 @@ def _imports(module: str) -> bool:
 
 
 def setup_platform() -> PlatformInfo:
-    """Detect the platform once; on CPU apply the megatron-core CPU mode. Idempotent."""
+    """Detect the platform once; on CPU install the megatron-core CPU mode. Idempotent."""
     global _INFO
     if _INFO is not None:
         return _INFO
@@ -83,68 +70,14 @@ def setup_platform() -> PlatformInfo:
         device_name=torch.cuda.get_device_name() if cuda else "cpu",
         has_te=cuda and _imports("transformer_engine.pytorch"),
         has_flash_attn=cuda and _imports("flash_attn"),
-        has_apex=_imports("apex"),
-        cpu_mode=not cuda,
     )
     if not cuda:
-        _apply_cpu_mode()
+        from engine import patches
+
+        patches.install_cpu_mode()
     _INFO = info
     log.info("platform: %s", info)
     return info
-
-
-def _apply_cpu_mode() -> None:
-    from megatron.core.pipeline_parallel import schedules
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    torch.cuda.current_device = lambda: "cpu"  # 1
-    torch.cuda.synchronize = lambda device=None: None  # 2
-
-    # 3: one CPU generator serves every "state"; record names so `fork(name)` still checks them.
-    def add(self, name, seed):
-        self._is_initialized = True
-        self.states_[name] = None
-
-    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
-        return contextlib.nullcontext()
-
-    mcore_random.CudaRNGStatesTracker.add = add
-    mcore_random.CudaRNGStatesTracker.fork = fork
-
-    # 4: the schedules module sees a `torch` whose `zeros(device="cuda")` lands on the CPU;
-    # every other attribute is the real torch.
-    schedules.torch = TorchOnCpu()
-
-
-class TorchOnCpu(types.ModuleType):
-    """The real torch, except that tensor factories asked for "cuda" build CPU tensors. Assigned
-    as the `torch` of an mcore module that allocates on "cuda" (here and in
-    engine/training/cpu_mode.py)."""
-
-    def __init__(self):
-        super().__init__("torch")
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _on_cpu(kwargs: dict) -> dict:
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs["device"] = "cpu"
-        return kwargs
-
-    def tensor(self, *args, **kwargs):
-        return torch.tensor(*args, **self._on_cpu(kwargs))
-
-    def zeros(self, *args, **kwargs):
-        return torch.zeros(*args, **self._on_cpu(kwargs))
-
-    def ones(self, *args, **kwargs):
-        return torch.ones(*args, **self._on_cpu(kwargs))
-
-    def empty(self, *args, **kwargs):
-        return torch.empty(*args, **self._on_cpu(kwargs))
 
 
 def init_distributed(

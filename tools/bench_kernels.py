@@ -73,7 +73,7 @@ def rope_case(tokens: int) -> dict:
     cos, sin = fusions.rope_tables(freqs)
 
     def fused():
-        qo, ko = fusions.apply_rope(q, k, cos, sin)
+        qo, ko = fusions.apply_rope(q, k, cos, sin, compiled=True)
         torch.autograd.backward((qo, ko), (gq, gk))
 
     t_u, t_f = median_cuda_seconds(unfused), median_cuda_seconds(fused)

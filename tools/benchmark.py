@@ -112,7 +112,7 @@ def run_engine(a: argparse.Namespace) -> dict:
     from engine.platform import init_distributed, setup_platform
     from engine.training import pretrain
     from engine.training.arguments import parse_args
-    from engine.training.loop import configure_model_config, make_forward_step, train_step
+    from engine.training.loop import make_forward_step, train_step
     from engine.training.metrics import Throughput, TimedIterator
 
     flags = ["--model", a.preset, "--data-path", a.data_prefix, "--seq-length", str(a.seq_length),
@@ -132,7 +132,6 @@ def run_engine(a: argparse.Namespace) -> dict:
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
     model, optimizer, scheduler = pretrain.build_model_and_optimizer(args)
-    configure_model_config(model, optimizer, args)
     train_iter, _ = pretrain.build_data(args, 0)
     cfg = args.model_config
     meter = Throughput()  # the trainer's own accounting: data wait, tokens, images, useful FLOPs
@@ -148,10 +147,11 @@ def run_engine(a: argparse.Namespace) -> dict:
         train_step(forward_step, it, model, optimizer, scheduler, args, device)
     _sync()
     elapsed = time.perf_counter() - t0
-    backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
+    kernels = model.module.kernels
     res = _result("engine", _config(a, cfg) | {"train_args": a.train_args}, a.steps, elapsed, meter,
-                  {"attention_backend": backend, "transformer_engine": bool(info.has_te),
-                   "gradient_accumulation_fusion": args.gradient_accumulation_fusion})
+                  {"attention_backend": kernels.attention, "transformer_engine": bool(info.has_te),
+                   "gradient_accumulation_fusion": kernels.wgrad_fusion != "off",
+                   "kernels": kernels.as_dict()})
     if a.profile:  # after the figures are read: the profiled step's batches must not count
         profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
     del model, optimizer, scheduler

@@ -12,13 +12,17 @@ its local `DotProductAttention` materialises [b, h, s, s] scores and rejects pac
   sdpa         F.scaled_dot_product_attention per document             anywhere (CPU: the
                (cuDNN/flash/efficient on CUDA, flash/math on CPU)       reference backend)
 
+The backend is the kernel plan's (`engine.model.specs.plan_kernels`), given to each layer by its spec.
+
 Every backend first checks whether all documents of the micro-batch have the same length (one
 document per row is the common case): then the packed tensor is just a [n, L] batch and one causal
-SDPA call runs torch's default pick (cuDNN on an H100), about twice as fast as varlen for the same
-work (fwd+bwd, 32 heads of 128, bf16, H100: 4x1024 197 vs 103 TFLOP/s, 1x4096 397 vs 198). The lengths come from the host copy of `cu_seqlens`, so this check never syncs the device.
+SDPA call runs torch's default pick (cuDNN on an H100), which is faster than varlen for the same
+work (docs/benchmarks.md, "Packed-document causal attention"). The lengths come from the host copy of
+`cu_seqlens`, so this check never syncs the device.
 
 For packed documents the core attention also applies RoPE to q and k (angles per token in
-`PackedDocuments`, one fused kernel; see `engine.model.fusions`).
+`PackedDocuments`; the plan's `rope` says compiled into one kernel or eager, see
+`engine.model.fusions`).
 
 Attention never crosses a document boundary: each segment of `cu_seqlens` is its own causal
 sequence. The vision tower's attention is dense and bidirectional over 577 tokens (one image per
@@ -27,7 +31,6 @@ batch row), so it takes the plain SDPA path (no packed params).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -42,10 +45,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from engine.model.fusions import apply_rope
 
-log = logging.getLogger(__name__)
-
 BACKENDS = ("te", "flash_attn", "varlen", "sdpa")
-_HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -63,38 +63,6 @@ class PackedDocuments(PackedSeqParams):
     lengths: tuple[int, ...] = ()
     rope_cos: Tensor | None = None
     rope_sin: Tensor | None = None
-
-
-def select_attention_backend(requested: str, *, device: str, half_precision: bool,
-                             has_te: bool, has_flash_attn: bool) -> str:
-    """The attention backend for the language model: `requested`, or the fastest available."""
-    if requested == "auto":
-        if has_te:
-            chosen = "te"
-        elif device == "cuda" and half_precision:
-            chosen = "flash_attn" if has_flash_attn else "varlen"
-        else:
-            chosen = "sdpa"
-    else:
-        chosen = requested
-        if chosen not in BACKENDS:
-            raise ValueError(f"unknown attention backend {chosen!r}; choose from auto, {', '.join(BACKENDS)}")
-        if chosen == "te" and not has_te:
-            raise ValueError("attention backend 'te' needs transformer_engine (pip install .[te])")
-        if chosen in ("varlen", "flash_attn") and device != "cuda":
-            raise ValueError(f"attention backend {chosen!r} needs CUDA; use 'sdpa' on CPU")
-        if chosen == "flash_attn" and not has_flash_attn:
-            raise ValueError("attention backend 'flash_attn' needs the flash-attn package")
-        if chosen in ("varlen", "flash_attn") and not half_precision:
-            raise ValueError(f"attention backend {chosen!r} runs in bf16/fp16 only; train with --bf16 or use 'sdpa'")
-    key = (requested, chosen)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info("attention backend: %s (requested %s, device %s)", chosen, requested, device)
-    return chosen
-
-
-_LOGGED: set[tuple[str, str]] = set()
 
 
 class PackedCoreAttention(MegatronModule):
@@ -115,6 +83,7 @@ class PackedCoreAttention(MegatronModule):
         cp_comm_type: str | None = None,
         pg_collection=None,
         backend: str = "sdpa",
+        rope: str | None = "eager",
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -127,9 +96,12 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError(f"unsupported attention mask type {attn_mask_type}")
         if backend not in ("sdpa", "varlen", "flash_attn"):
             raise ValueError(f"PackedCoreAttention has no backend {backend!r}")
+        if rope not in (None, "eager", "compiled"):
+            raise ValueError(f"PackedCoreAttention has no RoPE kernel {rope!r}")
         self.causal = attn_mask_type == AttnMaskType.causal
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.backend = backend
+        self.rope = rope  # None: this attention never sees rotary angles (the vision tower)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
@@ -141,7 +113,8 @@ class PackedCoreAttention(MegatronModule):
         if not isinstance(packed_seq_params, PackedDocuments) or packed_seq_params.qkv_format != "thd":
             raise TypeError("PackedCoreAttention expects engine.model.attention.PackedDocuments (qkv_format='thd')")
         if packed_seq_params.rope_cos is not None:
-            query, key = apply_rope(query, key, packed_seq_params.rope_cos, packed_seq_params.rope_sin)
+            query, key = apply_rope(query, key, packed_seq_params.rope_cos, packed_seq_params.rope_sin,
+                                    compiled=self.rope == "compiled")
         out = packed_attention(query, key, value, packed_seq_params, causal=self.causal, scale=self.scale,
                                backend=self.backend)
         return out.reshape(out.size(0), -1)

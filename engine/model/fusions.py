@@ -5,10 +5,10 @@ Weight-gradient accumulation into the fp32 main-grad buffer
     GEMM the DDP buffer (`weight.main_grad`) to accumulate into, instead of writing a bf16
     gradient that a backward hook then adds to the fp32 buffer (one extra pass over every
     gradient, every micro-batch: read bf16, read and write fp32). mcore takes that GEMM from
-    apex's `fused_weight_gradient_mlp_cuda` extension; `install_wgrad_accumulation` gives it the
-    same two functions built on cuBLAS through `torch.addmm(..., out_dtype=float32)`
-    (bf16 operands, fp32 accumulator read and written in the GEMM's epilogue). Where apex is
-    installed its extension is left in place.
+    apex's `fused_weight_gradient_mlp_cuda` extension; `TORCH_WGRAD` holds the same two functions
+    built on cuBLAS through `torch.addmm(..., out_dtype=float32)` (bf16 operands, fp32
+    accumulator read and written in the GEMM's epilogue), which
+    `engine.patches.install_wgrad_accumulation` hands to mcore where apex is not installed.
 
 Rotary embeddings for packed documents
     mcore's unfused THD RoPE runs ~10 kernels per tensor per layer (cos/sin of the angle table,
@@ -16,7 +16,8 @@ Rotary embeddings for packed documents
     the angles in every layer. `PackedCoreAttention` instead receives the cos/sin of each token's
     angles once per micro-batch (`rope_tables`) and applies them to q and k in one
     torch.compile-generated kernel forward and one backward (`apply_rope`), computed in fp32 and
-    rounded once. On CPU the same function runs eagerly (identical fp32 arithmetic to mcore's).
+    rounded once. Where the kernel plan says "eager" (CPU) the same function runs uncompiled
+    (identical fp32 arithmetic to mcore's).
 """
 
 from __future__ import annotations
@@ -49,19 +50,6 @@ TORCH_WGRAD = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32,
                                     wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
 
 
-def install_wgrad_accumulation() -> str:
-    """Make megatron-core's `gradient_accumulation_fusion` available. Returns which
-    implementation its linear layers use: "apex" or "torch". Idempotent."""
-    from megatron.core.tensor_parallel import layers
-
-    current = getattr(layers, "fused_weight_gradient_mlp_cuda", None)
-    if layers._grad_accum_fusion_available and current is not TORCH_WGRAD:
-        return "apex"
-    layers.fused_weight_gradient_mlp_cuda = TORCH_WGRAD
-    layers._grad_accum_fusion_available = True
-    return "torch"
-
-
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_tables(freqs: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,8 +74,8 @@ def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Te
 _rope_qk_compiled = torch.compile(_rope_qk)
 
 
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, compiled: bool) -> tuple[Tensor, Tensor]:
     """Rotate q [T, hq, d] and k [T, hk, d] (non-interleaved halves, as LLaMA) by per-token
-    cos/sin [T, 1, d]: one fused kernel on CUDA, eager on CPU."""
-    fn = _rope_qk_compiled if q.is_cuda else _rope_qk
+    cos/sin [T, 1, d]: one fused kernel (`compiled`), or eagerly."""
+    fn = _rope_qk_compiled if compiled else _rope_qk
     return fn(q, k, cos, sin)

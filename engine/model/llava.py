@@ -41,10 +41,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from engine.config import ModelConfig
 from engine.model import specs
-from engine.model.attention import PackedDocuments, select_attention_backend
-from engine.model.fusions import install_wgrad_accumulation, rope_tables
+from engine import patches
+from engine.model.attention import PackedDocuments
+from engine.model.fusions import rope_tables
+from engine.model.specs import KernelPlan, plan_kernels
 from engine.model.vision import CLIPVisionTower
-from engine.platform import setup_platform
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -81,9 +82,9 @@ def _parallel_sizes() -> tuple[int, int]:
             parallel_state.get_pipeline_model_parallel_world_size())
 
 
-def _common(params_dtype: torch.dtype, bf16: bool, **overrides) -> dict:
+def _common(kernels: KernelPlan, params_dtype: torch.dtype, bf16: bool, **overrides) -> dict:
     tp, _ = _parallel_sizes()
-    cuda = setup_platform().device == "cuda"
+    cuda = kernels.device == "cuda"
     return dict(
         tensor_model_parallel_size=tp,
         params_dtype=params_dtype,
@@ -99,13 +100,14 @@ def _common(params_dtype: torch.dtype, bf16: bool, **overrides) -> dict:
     )
 
 
-def language_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32, bf16=False,
-                                sequence_parallel=False, recompute_granularity=None, use_te=False,
+def language_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params_dtype=torch.float32,
+                                bf16=False, sequence_parallel=False, recompute_granularity=None,
                                 **overrides) -> TransformerConfig:
-    """The LLaMA decoder's TransformerConfig (what mcore DDP / optimizer / schedules read)."""
+    """The LLaMA decoder's TransformerConfig (what mcore DDP / optimizer / schedules read); its
+    kernel switches come from the plan."""
     lang = cfg.language
     tp, pp = _parallel_sizes()
-    cuda = setup_platform().device == "cuda"
+    cuda = kernels.device == "cuda"
     recompute = {}
     if recompute_granularity == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -115,15 +117,17 @@ def language_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32,
         raise ValueError(f"recompute_granularity must be None, 'full' or 'selective', not {recompute_granularity!r}")
     if recompute and not cuda:
         raise ValueError("activation recompute needs CUDA (mcore's checkpoint saves the CUDA RNG state)")
-    kw = _common(params_dtype, bf16, **overrides)
+    kw = _common(kernels, params_dtype, bf16, **overrides)
     kw.setdefault("pipeline_dtype", torch.bfloat16 if bf16 else params_dtype)
-    # SwiGLU fused by torch.compile (mcore's bias_swiglu_impl); not worth compiling on CPU.
-    kw.setdefault("bias_activation_fusion", cuda)
-    kw.setdefault("apply_rope_fusion", use_te)
-    # Fused vocab-parallel cross-entropy (mcore's torch.compile 'native' impl; TE's with TE), opt-in
-    # (--cross-entropy-loss-fusion): on one H200 it changed step time by < 0.3 % and added ~1 GiB
-    # of peak memory (docs/benchmarks.md). Its backward emits bf16 logit gradients.
-    kw.setdefault("cross_entropy_fusion_impl", "te" if use_te else "native")
+    kw.update(
+        bias_activation_fusion=kernels.swiglu == "compiled",  # mcore's bias_swiglu_impl
+        apply_rope_fusion=kernels.rope == "te-fused",
+        gradient_accumulation_fusion=kernels.wgrad_fusion != "off",
+        # Fused vocab-parallel cross-entropy; opt-in (docs/benchmarks.md says why). Its backward
+        # emits bf16 logit gradients.
+        cross_entropy_loss_fusion=kernels.cross_entropy != "unfused",
+        cross_entropy_fusion_impl="te" if kernels.cross_entropy == "te" else "native",
+    )
     return TransformerConfig(
         num_layers=lang.num_layers,
         hidden_size=lang.hidden_size,
@@ -144,8 +148,8 @@ def language_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32,
     )
 
 
-def vision_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32, bf16=False,
-                              **overrides) -> TransformerConfig:
+def vision_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params_dtype=torch.float32,
+                              bf16=False, **overrides) -> TransformerConfig:
     """CLIP ViT: LayerNorm, quick_gelu, biases; never pipeline-split, never sequence-parallel."""
     vis = cfg.vision
     return TransformerConfig(
@@ -156,19 +160,20 @@ def vision_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32, b
         kv_channels=vis.hidden_size // vis.num_attention_heads,
         normalization="LayerNorm",
         layernorm_epsilon=vis.layernorm_eps,
-        activation_func=specs.vision_activation(setup_platform().device == "cuda"),
+        activation_func=specs.vision_activation(kernels),
         gated_linear_unit=False,
         add_bias_linear=True,
         add_qkv_bias=True,
         bias_activation_fusion=False,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
-        **_common(params_dtype, bf16, **overrides),
+        gradient_accumulation_fusion=kernels.wgrad_fusion != "off",
+        **_common(kernels, params_dtype, bf16, **overrides),
     )
 
 
-def projector_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32, bf16=False,
-                                 **overrides) -> TransformerConfig:
+def projector_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params_dtype=torch.float32,
+                                 bf16=False, **overrides) -> TransformerConfig:
     """mlp2x_gelu: Linear(vision -> llm) + exact GELU + Linear(llm -> llm), with biases."""
     lang = cfg.language
     if cfg.projector.kind != "mlp2x_gelu":
@@ -184,7 +189,8 @@ def projector_transformer_config(cfg: ModelConfig, *, params_dtype=torch.float32
         bias_activation_fusion=False,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
-        **_common(params_dtype, bf16, **overrides),
+        gradient_accumulation_fusion=kernels.wgrad_fusion != "off",
+        **_common(kernels, params_dtype, bf16, **overrides),
     )
 
 
@@ -201,26 +207,26 @@ class LLaVAModel(MegatronModule):
 
     def __init__(self, cfg: ModelConfig, *, language_config: TransformerConfig,
                  vision_config: TransformerConfig, projector_config: TransformerConfig,
-                 attention_backend: str, pre_process: bool = True, post_process: bool = True):
+                 kernels: KernelPlan, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=language_config)
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
-        self.attention_backend = attention_backend
+        self.kernels = kernels
         self.model_type = ModelType.encoder_or_decoder  # read by mcore's schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
         self.vision_model = self.vision_projection = None
         groups = ProcessGroupCollection.use_mpu_process_groups()
         if pre_process:
             self.vision_model = CLIPVisionTower(
-                vision_config, specs.vision_block_spec(vision_config, attention_backend), cfg.vision,
+                vision_config, specs.vision_block_spec(vision_config, kernels), cfg.vision,
                 pg_collection=groups)
             self.vision_projection = MultimodalProjector(
                 projector_config, specs.projector_submodules(), "mlp", input_size=cfg.vision.hidden_size,
                 pg_collection=groups)
         self.language_model = GPTModel(
             config=language_config,
-            transformer_layer_spec=specs.language_block_spec(language_config, attention_backend),
+            transformer_layer_spec=specs.language_block_spec(language_config, kernels),
             vocab_size=cfg.language.padded_vocab_size,
             max_sequence_length=cfg.language.max_position_embeddings,
             pre_process=pre_process,
@@ -293,7 +299,7 @@ class LLaVAModel(MegatronModule):
                              f"tensor_model_parallel_size={self.config.tensor_model_parallel_size}")
         max_seqlen = int(batch.get("max_seqlen") or max(lengths))
         on_device = cu.to(device=device, dtype=torch.int32, non_blocking=True)
-        if specs.uses_te(self.attention_backend):
+        if self.kernels.uses_te:
             return PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device, cu_seqlens_kv=on_device,
                                    max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
         return PackedDocuments(qkv_format="thd", cu_seqlens_q=host, cu_seqlens_kv=host,
@@ -307,52 +313,50 @@ class LLaVAModel(MegatronModule):
         store its cos/sin in `docs`, once per micro-batch, for `PackedCoreAttention`'s fused RoPE;
         mcore's layers then get no angles (None)."""
         table = self.language_model.rotary_pos_emb(docs.max_seqlen_q, packed_seq=True)  # [L, 1, 1, d]
-        if specs.uses_te(self.attention_backend):
+        if self.kernels.uses_te:
             return table
         docs.rope_cos, docs.rope_sin = rope_tables(table.to(position_ids.device)[position_ids.reshape(-1)])
         return None
 
 
-def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_process: bool | None = None,
-                params_dtype: torch.dtype = torch.float32, bf16: bool = False, sequence_parallel: bool = False,
-                recompute_granularity: str | None = None, attention_backend: str = "auto",
+def build_model(cfg: ModelConfig, *, kernels: KernelPlan | None = None, pre_process: bool | None = None,
+                post_process: bool | None = None, params_dtype: torch.dtype = torch.float32, bf16: bool = False,
+                sequence_parallel: bool = False, recompute_granularity: str | None = None,
                 freeze_vision: bool = True, freeze_projector: bool = False, freeze_llm: bool = False,
-                gradient_accumulation_fusion: bool = False, **config_overrides) -> LLaVAModel:
+                **config_overrides) -> LLaVAModel:
     """This rank's stage of LLaVA, on this rank's device. TP/PP sizes and ranks come from
-    megatron.core.parallel_state (see engine.platform.init_distributed). `pre_process` /
-    `post_process` default to "first / last pipeline stage". `config_overrides` go to the
-    language model's TransformerConfig (e.g. deallocate_pipeline_outputs=True).
+    megatron.core.parallel_state (see engine.platform.init_distributed). `kernels` is the run's
+    kernel plan (default: `plan_kernels` for this platform and precision, no optional fusions).
+    `pre_process` / `post_process` default to "first / last pipeline stage". `config_overrides` go
+    to the language model's TransformerConfig (e.g. deallocate_pipeline_outputs=True).
 
-    `gradient_accumulation_fusion`: weight gradients accumulate into `param.main_grad` inside
-    the GEMM (engine.model.fusions). Only for a model that megatron-core's DDP will wrap (it
-    creates `main_grad`); a bare model's backward would have nowhere to put them."""
-    info = setup_platform()
+    A plan with `wgrad_fusion` on is only for a model that megatron-core's DDP will wrap (DDP
+    creates the `main_grad` buffers the weight-gradient GEMMs accumulate into); a bare model's
+    backward would have nowhere to put them."""
     tp, pp = _parallel_sizes()
     cfg.validate()
     validate_layout(cfg, tp, pp, sequence_parallel)
+    if kernels is None:
+        kernels = plan_kernels(half_precision=bf16 or params_dtype in (torch.bfloat16, torch.float16))
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    backend = select_attention_backend(
-        attention_backend, device=info.device, half_precision=bf16 or params_dtype in (torch.bfloat16, torch.float16),
-        has_te=info.has_te, has_flash_attn=info.has_flash_attn)
-    use_te = specs.uses_te(backend)
-    if gradient_accumulation_fusion:
-        install_wgrad_accumulation()
-    shared = dict(params_dtype=params_dtype, bf16=bf16, gradient_accumulation_fusion=gradient_accumulation_fusion)
+    if kernels.wgrad_fusion == "torch":
+        patches.install_wgrad_accumulation()
+    shared = dict(params_dtype=params_dtype, bf16=bf16)
     model = LLaVAModel(
         cfg,
         language_config=language_transformer_config(
-            cfg, sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
-            use_te=use_te, **shared, **config_overrides),
-        vision_config=vision_transformer_config(cfg, **shared),
-        projector_config=projector_transformer_config(cfg, **shared),
-        attention_backend=backend,
+            cfg, kernels, sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
+            **shared, **config_overrides),
+        vision_config=vision_transformer_config(cfg, kernels, **shared),
+        projector_config=projector_transformer_config(cfg, kernels, **shared),
+        kernels=kernels,
         pre_process=pre_process,
         post_process=post_process,
     )
     model.freeze(vision=freeze_vision, projector=freeze_projector, llm=freeze_llm)
-    if info.device == "cuda":
+    if kernels.device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model

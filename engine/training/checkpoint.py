@@ -37,7 +37,9 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from engine import patches
 from engine.config import ModelConfig
+from engine.training.optim import torch_adams
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state layout in a checkpoint (--[no-]dist-ckpt-optim-fully-reshardable):
@@ -145,39 +147,13 @@ def _materialize_adam_state(optimizer) -> None:
     """torch's Adam creates its state at the first step; mcore's DistributedOptimizer without
     TE/apex reads that state (its 'step' above all) to describe what it will load. Before a
     resume the state is therefore created as Adam would (zeros, step 0); loading overwrites it."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or not isinstance(inner, torch.optim.Adam) or len(inner.state):
+    for adam in torch_adams(optimizer):
+        if len(adam.state):
             continue
-        for group in inner.param_groups:
+        for group in adam.param_groups:
             for p in group["params"]:
-                inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                      exp_avg_sq=torch.zeros_like(p))
-
-
-def _keep_adam_step_on_load() -> None:
-    """mcore 0.19.2 bug with torch's Adam (no TE/apex, e.g. CPU, or GPUs without TE): loading
-    reshardable optimizer state copies every tensor of the parameter's Adam state from the
-    checkpoint, 'step' included, but the checkpoint restores 'step' through the param groups and
-    leaves it out of the per-parameter tensors (KeyError: 'step'). Give the copy the parameter's
-    own step, so that copy is a no-op. Idempotent."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-    if getattr(original, "_keeps_adam_step", False):
-        return
-
-    def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state[main_param].get("step")
-            if isinstance(step, torch.Tensor):
-                tensors = {**tensors, "step": step}
-        return original(self, model_param, tensors)
-
-    set_states._keeps_adam_step = True
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+                adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -185,11 +161,8 @@ def _unshare_adam_steps(optimizer) -> None:
     state, and torch's Adam increments each parameter's step in place, so after a resume the shared
     counter ran ahead by the number of parameters per step (wrong bias correction). Give each
     parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or not isinstance(inner, torch.optim.Adam):
-            continue
-        for state in inner.state.values():
+    for adam in torch_adams(optimizer):
+        for state in adam.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
 
@@ -199,21 +172,17 @@ def _adam_steps(optimizer) -> int | None:
     optimizer layout of mcore 0.19.2 does not save it (only fused optimizers keep 'step' in their
     param groups), and a resume whose Adam restarts at step 0 takes bias-corrected steps several
     times too large; the checkpoint therefore carries it in its common state."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam):
-            for state in inner.state.values():
-                if "step" in state:
-                    return int(state["step"])
+    for adam in torch_adams(optimizer):
+        for state in adam.state.values():
+            if "step" in state:
+                return int(state["step"])
     return None
 
 
 def _set_adam_steps(optimizer, steps: int) -> None:
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam):
-            for state in inner.state.values():
-                state["step"] = torch.tensor(float(steps))  # one tensor each (see _unshare_adam_steps)
+    for adam in torch_adams(optimizer):
+        for state in adam.state.values():
+            state["step"] = torch.tensor(float(steps))  # one tensor each (see _unshare_adam_steps)
 
 
 def _state_dict(model, optimizer, scheduler, *, loading: bool, with_optimizer: bool, with_rng: bool,
@@ -223,7 +192,7 @@ def _state_dict(model, optimizer, scheduler, *, loading: bool, with_optimizer: b
     if with_optimizer and optimizer is not None:
         if loading:
             _materialize_adam_state(optimizer)
-            _keep_adam_step_on_load()
+            patches.install_adam_step_on_load()
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=loading, metadata=dict(optim_metadata or OPTIM_LAYOUTS["dp"]))
     if with_rng:

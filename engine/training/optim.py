@@ -3,7 +3,7 @@
 - `wrap_ddp`: mcore DistributedDataParallel: gradients land in contiguous fp32 buckets and are
   reduced (reduce-scatter with the distributed optimizer) bucket by bucket while the backward
   pass is still running (`--overlap-grad-reduce`).
-- `build_optimizer`: `get_megatron_optimizer` → Adam(W) (torch's fused kernel) with fp32 main weights for bf16 models,
+- `build_optimizer`: `get_megatron_optimizer` → Adam(W) (the kernel plan's `optimizer`) with fp32 main weights for bf16 models,
   its state sharded over data-parallel ranks (`--use-distributed-optimizer`), global-norm
   gradient clipping (`--clip-grad`) done inside `optimizer.step()`; weight decay is skipped for
   biases and norm weights (mcore's standard parameter groups).
@@ -20,11 +20,22 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from engine.training import cpu_mode
+from engine import patches
+from engine.model.specs import KernelPlan
+
+
+def _kernels(model) -> KernelPlan:
+    """The kernel plan the model was built with (engine.model.llava.build_model)."""
+    return getattr(model, "module", model).kernels
+
+
+def _install_cpu_training(kernels: KernelPlan) -> None:
+    if kernels.device == "cpu":
+        patches.install_cpu_training(kernels.grad_norm)
 
 
 def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDataParallel:
-    cpu_mode.apply()  # no-op with CUDA
+    _install_cpu_training(_kernels(model))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,  # accumulate micro-batch gradients in fp32 even for bf16 weights
         overlap_grad_reduce=args.overlap_grad_reduce,
@@ -40,7 +51,8 @@ def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDat
 
 
 def build_optimizer(model_chunks: list, args: argparse.Namespace):
-    cpu_mode.apply()
+    kernels = _kernels(model_chunks[0])
+    _install_cpu_training(kernels)
     config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
@@ -56,8 +68,16 @@ def build_optimizer(model_chunks: list, args: argparse.Namespace):
         overlap_param_gather=args.overlap_param_gather and args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
-    use_fused_adam(optimizer)
+    if kernels.optimizer == "torch-fused":
+        use_fused_adam(optimizer)
     return optimizer
+
+
+def torch_adams(optimizer) -> list[torch.optim.Adam]:
+    """The torch Adam(W) optimizers inside a megatron-core optimizer (one per chained
+    optimizer; none when mcore uses TE's or apex's FusedAdam)."""
+    return [inner for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(inner := getattr(opt, "optimizer", None), torch.optim.Adam)]  # AdamW is a subclass
 
 
 def use_fused_adam(optimizer) -> None:
@@ -65,10 +85,7 @@ def use_fused_adam(optimizer) -> None:
     (`foreach`) kernels, several launches per chunk of tensors; torch's single fused kernel does
     the same update in one pass over the fp32 main weights and state. Set on every param group
     before any state exists, so each `step` counter is created on the weights' device."""
-    for megatron_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(megatron_opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Adam):  # AdamW included (a subclass)
-            continue
+    for torch_opt in torch_adams(optimizer):
         for group in torch_opt.param_groups:
             group["foreach"], group["fused"] = False, True
         torch_opt.defaults.update(foreach=False, fused=True)

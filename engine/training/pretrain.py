@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import time
-import warnings
 from functools import partial
 
 import torch
@@ -36,19 +34,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _quiet_libraries() -> None:
-    """megatron-core and torch announce every optional kernel they fall back from (no TE/apex on
-    CPU), deprecations and layout hints, on every rank; the trainer's own lines are what matter.
-    Errors still surface as exceptions."""
-    for module in (r"megatron\..*", r"torch\.distributed\.checkpoint\..*"):
-        warnings.filterwarnings("ignore", module=module)
-    for name in ("megatron", "torch.utils.cpp_extension", "torch.distributed.checkpoint"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    _quiet_libraries()
     try:
         args = parse_args(argv)
     except ConfigError as e:
@@ -77,23 +64,35 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- building blocks
 
 
+def kernel_plan(args: argparse.Namespace):
+    """The run's kernel plan (engine/model/specs.py), from the platform and the flags."""
+    from engine.model.specs import plan_kernels
+
+    try:
+        return plan_kernels(attention_backend=args.attention_backend, half_precision=args.bf16,
+                            gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+                            cross_entropy_loss_fusion=args.cross_entropy_loss_fusion)
+    except ValueError as e:
+        raise ConfigError(f"--attention-backend {args.attention_backend}: {e}") from None
+
+
 def build_model_and_optimizer(args: argparse.Namespace):
     from engine.model.llava import build_model
     from engine.training.loop import configure_model_config
     from engine.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
+    kernels = kernel_plan(args)
+    _print_rank0(kernels.describe())
     model = build_model(
         args.model_config,
+        kernels=kernels,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         bf16=args.bf16,
         sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity,
-        attention_backend=args.attention_backend,
         freeze_vision=args.freeze_vision,
         freeze_projector=args.freeze_projector,
         freeze_llm=args.freeze_llm,
-        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
-        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
         # loop.py: the loss is averaged over the supervised tokens of the whole global batch.
         calculate_per_token_loss=True,
     )

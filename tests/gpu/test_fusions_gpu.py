@@ -43,7 +43,7 @@ def test_compiled_rope_matches_fp64_reference():
     ang = positions[:, None].float() * inv
     freqs = torch.cat([ang, ang], -1)[:, None, None, :]
     cos, sin = fusions.rope_tables(freqs)
-    qo, ko = fusions.apply_rope(q, k, cos, sin)
+    qo, ko = fusions.apply_rope(q, k, cos, sin, compiled=True)
 
     def ref(x):
         x = x.double()
@@ -66,10 +66,12 @@ def test_training_micro_batch_never_waits_for_the_gpu(mcore_cuda, sp):
 
     from engine.data.loader import to_device
     from engine.model.llava import build_model
+    from engine.model.specs import plan_kernels
 
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = build_model(cfg, params_dtype=torch.bfloat16, bf16=True, gradient_accumulation_fusion=True)
+    model = build_model(cfg, params_dtype=torch.bfloat16, bf16=True,
+                        kernels=plan_kernels(half_precision=True, gradient_accumulation_fusion=True))
     ddp = DistributedDataParallel(config=model.config, module=model,
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     batch = lb.packed_batch(sp, cfg)

@@ -13,6 +13,7 @@ import llava_batches as lb
 from engine.config import get_preset
 from engine.convert.hf import hf_to_engine
 from engine.model.llava import build_model
+from engine.model.specs import plan_kernels
 from engine.model.sharding import gather_state_dict, load_full_state_dict
 
 pytestmark = pytest.mark.gpu
@@ -54,7 +55,7 @@ def _doc_positions(batch):
 def test_fp32_matches_hf_llava_exactly(mcore_cuda, sp):
     batch = _cuda(lb.packed_batch(sp, TINY))
     hf = lb.hf_llava(TINY, seed=3, initializer_range=0.1).cuda()
-    model = _engine_from_hf(hf, attention_backend="sdpa")
+    model = _engine_from_hf(hf, kernels=plan_kernels(attention_backend="sdpa"))
     with torch.no_grad():
         ours = model(batch).reshape(-1)
     ref = _hf_per_document(hf, batch)
@@ -68,7 +69,8 @@ def test_bf16_matches_hf_llava_within_bf16_error(mcore_cuda, sp, backend):
     batch = _cuda(lb.packed_batch(sp, TINY))
     hf = lb.hf_llava(TINY, seed=3, initializer_range=0.1).cuda()
     ref = _hf_per_document(hf, batch)
-    model = _engine_from_hf(hf, params_dtype=torch.bfloat16, bf16=True, attention_backend=backend)
+    model = _engine_from_hf(hf, params_dtype=torch.bfloat16, bf16=True,
+                            kernels=plan_kernels(attention_backend=backend, half_precision=True))
     hf_bf16 = hf.to(torch.bfloat16)
     hf_err = (_hf_per_document(hf_bf16, batch) - ref)
     with torch.no_grad():
@@ -97,7 +99,7 @@ def test_full_recompute_gives_the_same_gradients(mcore_cuda, sp):
     batch = _cuda(lb.packed_batch(sp, TINY))
     grads, weights = [], None
     for recompute in (None, "full", "selective"):
-        model = build_model(TINY, recompute_granularity=recompute, attention_backend="sdpa")
+        model = build_model(TINY, recompute_granularity=recompute, kernels=plan_kernels(attention_backend="sdpa"))
         weights = weights or gather_state_dict(model)
         load_full_state_dict(model, weights)
         loss = model(batch)
@@ -152,7 +154,8 @@ def useful_flops(cfg, batch) -> float:
 def test_7b_bench_two_layers_forward_backward(mcore_cuda, backend):
     cfg = get_preset("llava-7b-bench", num_layers=2)
     torch.manual_seed(0)
-    model = build_model(cfg, params_dtype=torch.bfloat16, bf16=True, attention_backend=backend)
+    model = build_model(cfg, params_dtype=torch.bfloat16, bf16=True,
+                        kernels=plan_kernels(attention_backend=backend, half_precision=True))
     batch = _cuda(_bench_batch(cfg))
     mask = batch["loss_mask"]
 
@@ -177,7 +180,7 @@ def test_7b_bench_two_layers_forward_backward(mcore_cuda, backend):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     flops = useful_flops(cfg, batch)
     print(json.dumps({
-        "preset": "llava-7b-bench", "num_layers": 2, "attention_backend": model.attention_backend,
+        "preset": "llava-7b-bench", "num_layers": 2, "attention_backend": model.kernels.attention,
         "tokens": batch["tokens"].numel(), "images": batch["images"].shape[0], "step_ms": round(dt * 1e3, 2),
         "tokens_per_s": round(batch["tokens"].numel() / dt), "tflops": round(flops / dt / 1e12, 1),
         "mfu": round(flops / dt / 989e12, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -1,7 +1,6 @@
 """Packed-document attention (CPU backends) against attention written out with a block-diagonal
 causal mask, and the backend choice."""
 
-import logging
 
 import pytest
 import torch
@@ -73,29 +72,3 @@ def test_core_attention_module_dense_and_packed():
     torch.testing.assert_close(out, reference(q, k, v, [3, 7]).reshape(10, 32), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_dropout"):
         attn.PackedCoreAttention(cfg, 1, AttnMaskType.causal, "self", attention_dropout=0.1)
-
-
-def test_backend_selection(caplog):
-    pick = attn.select_attention_backend
-    none = dict(has_te=False, has_flash_attn=False)
-    assert pick("auto", device="cpu", half_precision=False, **none) == "sdpa"
-    assert pick("auto", device="cpu", half_precision=True, **none) == "sdpa"
-    assert pick("auto", device="cuda", half_precision=True, **none) == "varlen"
-    assert pick("auto", device="cuda", half_precision=False, **none) == "sdpa"  # varlen is bf16/fp16 only
-    assert pick("auto", device="cuda", half_precision=True, has_te=False, has_flash_attn=True) == "flash_attn"
-    assert pick("auto", device="cuda", half_precision=True, has_te=True, has_flash_attn=True) == "te"
-    for requested, device, half, match in [
-        ("varlen", "cpu", True, "needs CUDA"),
-        ("varlen", "cuda", False, "bf16/fp16"),
-        ("flash_attn", "cuda", True, "flash-attn"),
-        ("te", "cuda", True, "transformer_engine"),
-        ("xformers", "cuda", True, "unknown attention backend"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            pick(requested, device=device, half_precision=half, **none)
-    # logged once per choice
-    attn._LOGGED.clear()
-    with caplog.at_level(logging.INFO, logger="engine.model.attention"):
-        for _ in range(3):
-            pick("sdpa", device="cpu", half_precision=False, **none)
-    assert sum("attention backend: sdpa" in r.message for r in caplog.records) == 1

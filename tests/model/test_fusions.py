@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import llava_batches as lb
+from engine import patches
 from engine.config import get_preset
 from engine.model import fusions
 from engine.model.llava import build_model
+from engine.model.specs import plan_kernels
 
 CFG = get_preset("tiny")
 
@@ -21,11 +23,9 @@ def batch(sp):
 def _ddp_model(fusion: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from engine.training import cpu_mode
-
-    cpu_mode.apply()
+    patches.install_cpu_training()
     torch.manual_seed(0)
-    model = build_model(CFG, gradient_accumulation_fusion=fusion)
+    model = build_model(CFG, kernels=plan_kernels(gradient_accumulation_fusion=fusion))
     ddp = DistributedDataParallel(config=model.config, module=model,
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     return ddp
@@ -40,8 +40,19 @@ def _accumulated_grads(ddp, batch, micro_batches: int = 3) -> dict:
     return {n: p.main_grad.clone() for n, p in ddp.module.named_parameters() if p.requires_grad}
 
 
-def test_wgrad_accumulation_equals_unfused_path(mcore, batch, monkeypatch):
-    assert fusions.install_wgrad_accumulation() == "torch"  # no apex here
+@pytest.fixture
+def wgrad_patch():
+    """mcore's linear layers get the torch weight-gradient GEMMs for one test only."""
+    assert not patches.installed("wgrad-fusion")
+    with patches.scoped("wgrad-fusion", patches.install_wgrad_accumulation):
+        yield
+    from megatron.core.tensor_parallel import layers
+
+    assert not layers._grad_accum_fusion_available  # removed again: no apex here
+
+
+def test_wgrad_accumulation_equals_unfused_path(mcore, batch, monkeypatch, wgrad_patch):
+    assert plan_kernels(gradient_accumulation_fusion=True).wgrad_fusion == "torch"  # no apex here
     calls = []
 
     def counted(total_input, grad_output, main_grad):
@@ -96,7 +107,7 @@ def test_fused_rope_equals_mcore_thd_rope(mcore):
 
     from engine.model.llava import language_transformer_config
 
-    config = language_transformer_config(CFG)
+    config = language_transformer_config(CFG, plan_kernels())
     torch.manual_seed(1)
     lengths = [5, 11, 3]
     cu = torch.tensor([0, 5, 16, 19], dtype=torch.int32)
@@ -106,7 +117,7 @@ def test_fused_rope_equals_mcore_thd_rope(mcore):
     q = torch.randn(19, 4, d, dtype=torch.float64).float().requires_grad_()
     k = torch.randn(19, 2, d).requires_grad_()
     cos, sin = fusions.rope_tables(table[positions])
-    q_fused, k_fused = fusions.apply_rope(q, k, cos, sin)
+    q_fused, k_fused = fusions.apply_rope(q, k, cos, sin, compiled=False)
     cp = parallel_state.get_context_parallel_group()
     # mcore's own reference: THD RoPE with the [max_seqlen] table, positions restarting per document
     q_ref = apply_rotary_pos_emb(q, table, config=config, cu_seqlens=cu, cp_group=cp)
