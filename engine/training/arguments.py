@@ -23,10 +23,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import PRESETS, ModelConfig, get_preset
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says which flag/key and why."""
+from engine.errors import ConfigError
 
 
 # --------------------------------------------------------------------------- flags by concern

@@ -38,6 +38,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from engine.config import ModelConfig
+from engine.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state layout in a checkpoint (--[no-]dist-ckpt-optim-fully-reshardable):
@@ -63,10 +64,6 @@ _SHAPE_FIELDS = {
                "patch_size", "image_size"),
     "projector": ("kind",),
 }
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _rank() -> int:
