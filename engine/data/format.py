@@ -185,10 +185,6 @@ class IndexedDataset:
             self._doc_image_counts = np.diff(self.doc_image_offsets)
         return self._doc_image_counts
 
-    @property
-    def image_byte_lengths(self) -> np.ndarray:
-        return np.diff(self.image_byte_offsets)
-
     def tokens(self, doc: int, start: int = 0, end: int | None = None) -> np.ndarray:
         """Tokens [start, end) of document `doc` (a read-only memmap slice).
 

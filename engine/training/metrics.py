@@ -21,7 +21,6 @@ MFU = useful FLOP/s per GPU / 989e12 (H100 SXM dense bf16).
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -227,8 +226,6 @@ class MetricsLogger:
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
     return str(x)
 
 
