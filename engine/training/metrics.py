@@ -66,7 +66,7 @@ class TrainableParts:
 
 
 def _matmul_factor(trains: bool, backward_through: bool) -> int:
-    """FLOPs per weight per token: 6 for a trained part (DESIGN.md: forward 2 + backward 4), 4 for
+    """FLOPs per weight per token: 6 for a trained part (docs/flops.md: forward 2 + backward 4), 4 for
     a frozen part that the backward pass still crosses (input gradients only), 2 for a frozen part
     with nothing trainable before it (forward only)."""
     return 6 if trains else (4 if backward_through else 2)
