@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.11.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test quickstart venv build clean
+.PHONY: test lint quickstart venv build clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml setup.py csrc/helpers.cpp
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: $(STAMP) build
+lint: $(STAMP)
+	$(PY) -m ruff check engine tools tests
+
+test: $(STAMP) build lint
 	$(PY) -m pytest -q tests
 
 quickstart: $(STAMP) build

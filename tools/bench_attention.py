@@ -2,7 +2,7 @@
 
 Prints one JSON line per (layout, backend): forward+backward time and useful TFLOP/s, where
 useful FLOPs = 6 x sum_docs(s_doc^2) x heads x head_dim (causal, within-document pairs only, the
-same count whichever kernel runs; DESIGN.md's accounting). Also checks each backend's output and
+same count whichever kernel runs; docs/flops.md). Also checks each backend's output and
 gradients against fp32 SDPA on a small layout first.
 
     python tools/bench_attention.py [--heads 32] [--head-dim 128] [--json-out FILE]

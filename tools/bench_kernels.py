@@ -36,10 +36,10 @@ def wgrad_cases(tokens: int) -> list[dict]:
         g = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
         main_grad = torch.zeros(n_out, n_in, device="cuda", dtype=torch.float32)
 
-        def unfused():
+        def unfused(x=x, g=g, main_grad=main_grad):
             main_grad.add_(g.t() @ x)
 
-        def fused():
+        def fused(x=x, g=g, main_grad=main_grad):
             fusions.wgrad_gemm_accum_fp32(x, g, main_grad)
 
         t_u, t_f = median_cuda_seconds(unfused), median_cuda_seconds(fused)
@@ -47,7 +47,7 @@ def wgrad_cases(tokens: int) -> list[dict]:
         rows.append({"case": f"wgrad_{name}", "shape": [tokens, n_out, n_in], "unfused_ms": round(t_u * 1e3, 3),
                      "fused_ms": round(t_f * 1e3, 3), "fused_tflops": round(flops / t_f / 1e12, 1),
                      "unfused_tflops": round(flops / t_u / 1e12, 1), "speedup": round(t_u / t_f, 3)})
-        del x, g, main_grad
+        del x, g, main_grad, unfused, fused
     return rows
 
 

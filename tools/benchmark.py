@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import shlex
+from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hf-gradient-checkpointing", action="store_true", help="the seed's setting")
     p.add_argument("--matmul-ceiling", action="store_true", help="also measure the card's bf16 matmul rate")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 TFLOP/s of one GPU for MFU (default: looked up by device name)")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--train-args", default="", metavar="FLAGS",
                    help="more llava-pretrain flags for the engine, e.g. --train-args=--no-gradient-accumulation-fusion")
@@ -86,15 +89,14 @@ def matmul_ceiling() -> float:
 
 def _result(name, cfg_dict, steps, elapsed, meter, extra) -> dict:
     """One JSON row from a `Throughput` meter that counted the timed steps' micro-batches."""
-    from engine.training.metrics import H100_PEAK_FLOPS
-
     tflops = meter.flops / elapsed / 1e12
     out = {
         "pipeline": name,
         "tokens_per_s": round(meter.tokens / elapsed, 1),
         "images_per_s": round(meter.images / elapsed, 2),
         "tflops": round(tflops, 1),
-        "mfu": round(tflops * 1e12 / H100_PEAK_FLOPS, 4),
+        "mfu": round(meter.mfu(tflops * 1e12), 4) if meter.peak_flops else None,
+        "mfu_peak_tflops": meter.peak_flops / 1e12 if meter.peak_flops else None,
         "step_time_s": round(elapsed / steps, 4),
         "data_wait_fraction": round(meter.data_wait / elapsed, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
@@ -113,7 +115,7 @@ def run_engine(a: argparse.Namespace) -> dict:
     from engine.training import pretrain
     from engine.training.arguments import parse_args
     from engine.training.loop import make_forward_step, train_step
-    from engine.training.metrics import Throughput, TimedIterator
+    from engine.training.metrics import Throughput, TimedIterator, mfu_peak
 
     flags = ["--model", a.preset, "--data-path", a.data_prefix, "--seq-length", str(a.seq_length),
              "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
@@ -134,7 +136,7 @@ def run_engine(a: argparse.Namespace) -> dict:
     model, optimizer, scheduler = pretrain.build_model_and_optimizer(args)
     train_iter, _ = pretrain.build_data(args, 0)
     cfg = args.model_config
-    meter = Throughput()  # the trainer's own accounting: data wait, tokens, images, useful FLOPs
+    meter = Throughput(mfu_peak(a.peak_tflops).flops)  # the trainer's own accounting: data wait, tokens, images, useful FLOPs
     it = TimedIterator(train_iter, meter, pretrain.batch_counter(args))
     forward_step = make_forward_step(device)
     for _ in range(a.warmup):
@@ -153,7 +155,7 @@ def run_engine(a: argparse.Namespace) -> dict:
                    "gradient_accumulation_fusion": kernels.wgrad_fusion != "off",
                    "kernels": kernels.as_dict()})
     if a.profile:  # after the figures are read: the profiled step's batches must not count
-        profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
+        profile_step(a.profile, partial(train_step, forward_step, it, model, optimizer, scheduler, args, device))
     del model, optimizer, scheduler
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return res
@@ -293,7 +295,7 @@ def run_hf(a: argparse.Namespace) -> dict:
     from engine.config import get_preset
     from engine.convert.llava_hf import hf_config
     from engine.data.format import IndexedDataset
-    from engine.training.metrics import Throughput, TimedIterator, TrainableParts, step_flops
+    from engine.training.metrics import Throughput, TimedIterator, TrainableParts, mfu_peak, step_flops
 
     cfg = get_preset(a.preset, **({"num_layers": a.num_layers} if a.num_layers else {}))
     dev = torch.device("cuda")
@@ -329,7 +331,7 @@ def run_hf(a: argparse.Namespace) -> dict:
         lengths, n_img = batch["attention_mask"].sum(1).tolist(), batch["pixel_values"].shape[0]
         return sum(lengths), n_img, step_flops(cfg, lengths, n_img, trainable)
 
-    meter = Throughput()
+    meter = Throughput(mfu_peak(a.peak_tflops).flops)
     it = TimedIterator(iter(loader), meter, count)
 
     def step():
@@ -365,6 +367,9 @@ def main() -> None:
     if a.memory_limit_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_limit_gib * 2 ** 30 / total))
+    from engine.training.metrics import mfu_peak
+
+    print(f"# {mfu_peak(a.peak_tflops).describe()}", flush=True)
     rows = []
     if not a.skip_engine:
         rows.append(run_engine(a))

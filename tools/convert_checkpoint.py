@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -46,48 +45,14 @@ if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py`
 
 import torch
 
-from engine.convert.io import CheckpointError, parse_dtype
+from engine.convert.io import parse_dtype
+from engine.convert.ranks import run_ranks
+from engine.errors import CheckpointError
 
 SOURCES = ("llava-hf", "llava", "llama+clip")
 
 
 # ------------------------------------------------------------------------------ processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(rank: int, world: int, fn, spec: dict) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    fn(rank, spec)
-
-
-def run_ranks(fn, world: int, spec: dict) -> None:
-    """`fn(rank, spec)` on `world` fresh CPU processes that form one gloo group (conversion never
-    uses a GPU: the layout is independent of the hardware, and CPU memory is what bounds it)."""
-    import torch.multiprocessing as mp
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        mp.start_processes(_rank_entry, args=(world, fn, spec), nprocs=world, join=True, start_method="spawn")
-    except mp.ProcessRaisedException as e:
-        # A rank met a bad source (e.g. a corrupt shard): report it as such, not as a crash.
-        last = str(e).strip().splitlines()[-1]
-        if "CheckpointError: " in last:
-            raise CheckpointError(f"rank {e.error_index}: {last.split('CheckpointError: ', 1)[1]}") from None
-        raise
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager

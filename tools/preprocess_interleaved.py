@@ -56,20 +56,9 @@ from PIL import Image
 from engine.data import format as fmt
 from engine.data.images import DEFAULT_MAX_PIXELS, ImageError, encode_jpeg, preprocess_file
 from engine.data.tokenizer import build_tokenizer, encode_document
+from engine.errors import DocumentError, PreprocessError
 
 CHUNK_DOCS = 8  # documents per worker task: small enough to balance, large enough to amortise IPC
-
-
-class DocumentError(Exception):
-    """A document that is skipped; `kind` groups the summary, the message is for a person."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-class PreprocessError(RuntimeError):
-    """Stops the run (bad arguments, unreadable input, or a document error with --on-error fail)."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from engine.config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from engine.convert import hf
-from engine.convert.io import CheckpointError
+from engine.errors import CheckpointError
 from engine.model import sharding
 
 HF_LAYOUT = "llava-hf"  # the Hub tensor names every `Source` hands out and export writes

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import CheckpointError
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -29,10 +31,6 @@ BIN_SINGLE = "pytorch_model.bin"
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A source or target checkpoint that cannot be converted; the message says where and why."""
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from engine.config import PRESETS, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from engine.convert.hf import LAYOUTS, Layout
-from engine.convert.io import CheckpointError, read_json
+from engine.convert.io import read_json
+from engine.errors import CheckpointError
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
 

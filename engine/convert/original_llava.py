@@ -25,10 +25,11 @@ import torch
 
 from engine.config import ModelConfig, ProjectorConfig
 from engine.convert.hf import LAYOUTS, Layout
-from engine.convert.io import CheckpointError, WeightReader, read_json
+from engine.convert.io import WeightReader, read_json
 from engine.convert.llava_hf import (complete_config, language_config_from_llama, named, relayout,
                                      vision_config_from_clip)
 from engine.convert.sources import Source
+from engine.errors import CheckpointError
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.convert.io import CheckpointError, WeightReader
+from engine.convert.io import WeightReader
 from engine.convert.llava_hf import hf_config, hub_name, read_model_config
+from engine.errors import CheckpointError
 
 EMBED = "language_model.model.embed_tokens.weight"
 LM_HEAD = "language_model.lm_head.weight"

@@ -27,6 +27,7 @@ from engine.data.format import FormatError, IndexedDataset
 from engine.data.packing import (PackingConfig, PackingIndex, build_blending_index, build_packing_index,
                                  dataset_identity, default_cache_dir, index_dir, load_index,
                                  load_or_build)
+from engine.errors import SampleError
 
 SPLITS = ("train", "valid", "test")
 
@@ -53,11 +54,6 @@ def normalize_channels_first(pixels: torch.Tensor, out: torch.Tensor | None = No
     out.copy_(pixels.permute(0, 3, 1, 2))
     mean, std = _clip_stats(out.device)
     return out.mul_(1 / 255).sub_(mean).div_(std)
-
-
-class SampleError(RuntimeError):
-    """Building one sample failed; the message names the dataset, the sample and its documents.
-    (One string argument, so the DataLoader can re-raise it in the main process.)"""
 
 
 def parse_split(split: str | Sequence[float]) -> list[float]:

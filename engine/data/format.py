@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import FormatError
+
 MAGIC = b"LLAVAIDX"
 VERSION = 1
 HEADER_SIZE = 128
@@ -46,10 +48,6 @@ TOKEN_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<i4")}
 IMAGE_STORAGES = {1: "jpeg", 2: "raw"}
 _STORAGE_CODES = {v: k for k, v in IMAGE_STORAGES.items()}
 _COPY_CHUNK = 16 << 20
-
-
-class FormatError(ValueError):
-    """A dataset file is missing, truncated, of another version, or corrupt."""
 
 
 def dataset_paths(prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
@@ -186,10 +184,6 @@ class IndexedDataset:
         if self._doc_image_counts is None:
             self._doc_image_counts = np.diff(self.doc_image_offsets)
         return self._doc_image_counts
-
-    @property
-    def image_byte_lengths(self) -> np.ndarray:
-        return np.diff(self.image_byte_offsets)
 
     def tokens(self, doc: int, start: int = 0, end: int | None = None) -> np.ndarray:
         """Tokens [start, end) of document `doc` (a read-only memmap slice).

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from engine.config import CLIP_MEAN, CLIP_STD
+from engine.errors import ImageError
 
 PAD_COLOR = tuple(int(255 * m) for m in CLIP_MEAN)  # as LLaVA's expand2square: (122, 116, 104)
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -41,14 +42,6 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's default guard
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _TO_RGB_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "P", "RGBX"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; `kind` is a short machine-readable reason."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 def load_image(path: str | os.PathLike, *, size: int = 336, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from engine.data.dataset import SampleError, normalize_channels_first
+from engine.errors import WorkerDiedError
 
 
 class PretrainingSampler(torch.utils.data.Sampler[list[int]]):
@@ -183,11 +184,6 @@ class _StoredImages(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         return self.dataset.get(k, normalize_images=False)
-
-
-class WorkerDiedError(RuntimeError):
-    """A DataLoader worker process died (SIGKILL, the out-of-memory killer, a crash in native
-    code) while building a sample; the message names the sample."""
 
 
 class _Tracked(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -186,11 +186,6 @@ def load_or_build(cache_dir: str | os.PathLike | None, name: str, params: dict,
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("built index %s", final)
     return load_index(final)
-
-
-def index_dir(cache_dir: str | os.PathLike, name: str, params: dict) -> Path:
-    """Where an index lives: ``<cache_dir>/<name>-<hash of params>``."""
-    return Path(cache_dir) / f"{name}-{cache_key(params)}"
 
 
 def load_index(path: str | os.PathLike) -> dict[str, np.ndarray]:

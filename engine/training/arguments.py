@@ -23,10 +23,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import PRESETS, ModelConfig, get_preset
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says which flag/key and why."""
+from engine.errors import ConfigError
 
 
 # --------------------------------------------------------------------------- flags by concern
@@ -173,6 +170,8 @@ def _logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 TFLOP/s of one GPU for MFU (default: looked up by device name; docs/flops.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

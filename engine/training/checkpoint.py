@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from engine import patches
 from engine.config import ModelConfig
+from engine.errors import CheckpointError
 from engine.training.optim import torch_adams
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -48,9 +49,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # - "reshardable": in the model's own layout, so a resume may change TP, PP and DP. Each DP group
 #   gathers its optimizer shards on its DP rank 0 over gloo ("mem_efficient": instead of an NCCL
 #   all-gather onto every rank), which holds its model shard's fp32 weights and Adam moments in
-#   host memory while writing them (12 bytes per parameter: 84 GB for 7B at TP=PP=1), alone.
-#   Measured on one H100 for the 2.2 B-parameter llava-7b-bench (26 GB checkpoint): 174 s,
-#   against 52 s for "dp" with 4 writer threads.
+#   host memory while writing them (12 bytes per parameter: 84 GB for 7B at TP=PP=1), alone, so
+#   it saves much slower than "dp" (docs/benchmarks.md, "Checkpoint save time").
 OPTIM_LAYOUTS = {
     "reshardable": {"distrib_optim_sharding_type": "fully_reshardable",
                     "distrib_optim_fully_reshardable_mem_efficient": True},
@@ -65,10 +65,6 @@ _SHAPE_FIELDS = {
                "patch_size", "image_size"),
     "projector": ("kind",),
 }
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _rank() -> int:
@@ -185,7 +181,7 @@ def _set_adam_steps(optimizer, steps: int) -> None:
             state["step"] = torch.tensor(float(steps))  # one tensor each (see _unshare_adam_steps)
 
 
-def _state_dict(model, optimizer, scheduler, *, loading: bool, with_optimizer: bool, with_rng: bool,
+def _state_dict(model, optimizer, *, loading: bool, with_optimizer: bool, with_rng: bool,
                 optim_metadata: dict | None = None) -> dict:
     model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd}
@@ -246,7 +242,7 @@ class Saver:
             tmp.mkdir()
         _barrier()
 
-        state = _state_dict(model, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True,
+        state = _state_dict(model, optimizer, loading=False, with_optimizer=True, with_rng=True,
                             optim_metadata=self.optim_metadata)
         state.update(
             scheduler=scheduler.state_dict() if scheduler is not None else None,
@@ -450,7 +446,7 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
         log(f"checkpoint layout {common.get('layout')} differs from this run's {_layout()}: "
             "RNG states start fresh (weights, optimizer, schedule and data position are restored)")
 
-    state = _state_dict(model, optimizer, scheduler, loading=True, with_optimizer=load_optimizer,
+    state = _state_dict(model, optimizer, loading=True, with_optimizer=load_optimizer,
                         with_rng=with_rng, optim_metadata=optim_metadata)
     loaded = _read(ckpt, dist_checkpointing.load, state, str(ckpt))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)

@@ -27,14 +27,10 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from engine.data.loader import to_device
+from engine.errors import DivergedError
 from engine.model.llava import pipeline_shape
-from engine.training.metrics import MetricsLogger, Throughput, TimedIterator, peak_memory_gib
+from engine.training.metrics import MetricsLogger, Throughput, TimedIterator, mfu_peak, peak_memory_gib
 from engine.training.optim import current_lr
-
-
-class DivergedError(RuntimeError):
-    """--max-skipped-steps consecutive steps had a non-finite loss or gradients; the last good
-    state was saved (with --save) before this was raised."""
 
 
 @dataclass
@@ -211,7 +207,9 @@ def train(*, args, model, optimizer, scheduler, train_iterator: Iterator, make_v
     publishes finished background checkpoint writes).
     """
     forward_step = make_forward_step(device)
-    meter = Throughput()
+    peak = mfu_peak(args.peak_tflops)
+    log(peak.describe())
+    meter = Throughput(peak.flops)
     timed = TimedIterator(train_iterator, meter, count_batch)
     stop = StopSignal()
     dp_group = parallel_state.get_data_parallel_group()

@@ -1,7 +1,9 @@
 """Throughput accounting and the metrics sinks (console, JSONL, TensorBoard, wandb).
 
-Useful model FLOPs follow DESIGN.md, counted from the actual batch (every engine measures the
-same way, whichever kernels run; recompute is not counted):
+Useful model FLOPs are counted from the actual batch, the same way whichever kernels run, so that
+two engines, two attention backends or two parallel layouts compare on one scale; recompute is
+not counted. docs/flops.md derives the count; in short, for the default recipe (frozen tower,
+trained projector and LLM):
 
   LLM        6 x (non-embedding matmul params) x tokens
              + 6 x sum_docs(s_doc^2) x hidden x layers      causal attention, within documents only
@@ -11,17 +13,19 @@ same way, whichever kernels run; recompute is not counted):
              + 4 x 577^2 x hidden x layers_run x images      its (bidirectional) attention
 
 "tokens" are the language-model positions that hold a document (image positions included,
-padding excluded). Those are the numbers of the seed's recipe (frozen tower, trained projector and
-LLM). Other freeze choices follow the same logic: a trained part costs 6 FLOPs per weight per
-token, a frozen part the backward pass crosses 4 (input gradients), a frozen part with nothing
-trainable before it 2 (forward only).
-MFU = useful FLOP/s per GPU / 989e12 (H100 SXM dense bf16).
+padding excluded). Other freeze choices follow the same logic: a trained part costs 6 FLOPs per
+weight per token, a frozen part the backward pass crosses 4 (input gradients), a frozen part with
+nothing trainable before it 2 (forward only).
+
+MFU = useful FLOP/s per GPU / the GPU's dense bf16 peak, looked up by device name (`mfu_peak`) or
+given with --peak-tflops. No MFU is reported on a CPU or on a GPU the table does not know.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -30,8 +34,25 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
+from engine.errors import ConfigError
 
-H100_PEAK_FLOPS = 989e12
+# Dense (no sparsity) bf16 tensor-core peak of one GPU in TFLOP/s, from NVIDIA's product
+# datasheets (each lists the sparse figure too, twice these). Matched against
+# torch.cuda.get_device_name(), case-insensitively, first match wins: the variants come before
+# the plain name ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB HBM3", the SXM card), and whole
+# words only, so "A10" is not "A100" or "A10G", nor "H200" "GH200".
+PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
+    (r"\bGH200\b", "GH200 (H100 SXM-class GPU)", 989.0),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL", 835.0),
+    (r"\bH200\b", "H200 SXM", 989.0),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756.0),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", 835.0),
+    (r"\bH100\b", "H100 SXM", 989.0),
+    (r"\bB200\b", "B200", 2250.0),
+    (r"\bA100\b", "A100", 312.0),
+    (r"\bL40S\b", "L40S", 362.0),
+    (r"\bA10\b", "A10", 125.0),
+)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -45,7 +66,7 @@ class TrainableParts:
 
 
 def _matmul_factor(trains: bool, backward_through: bool) -> int:
-    """FLOPs per weight per token: 6 for a trained part (DESIGN.md: forward 2 + backward 4), 4 for
+    """FLOPs per weight per token: 6 for a trained part (docs/flops.md: forward 2 + backward 4), 4 for
     a frozen part that the backward pass still crosses (input gradients only), 2 for a frozen part
     with nothing trainable before it (forward only)."""
     return 6 if trains else (4 if backward_through else 2)
@@ -109,13 +130,56 @@ def batch_documents(batch: dict, pad_id: int) -> tuple[list[int], int]:
     return lengths, int(batch["images"].shape[0])
 
 
+# --------------------------------------------------------------------------- MFU peak
+
+
+@dataclass(frozen=True)
+class MfuPeak:
+    """The peak MFU is measured against, and where it comes from."""
+
+    flops: float | None  # FLOP/s of one device; None: no MFU is reported
+    source: str  # the device and its table row, the flag, or why there is none
+
+    def describe(self) -> str:
+        """The start-up line that says which peak MFU uses."""
+        if self.flops is None:
+            return f"MFU: not reported ({self.source})"
+        return f"MFU peak: {self.flops / 1e12:g} TFLOP/s per GPU, dense bf16 ({self.source})"
+
+
+def peak_for_device(device_name: str | None, override_tflops: float | None = None) -> MfuPeak:
+    """The MFU peak of a device named as torch.cuda.get_device_name() names it (None: no GPU).
+
+    --peak-tflops wins over the table, on any device. Without it, a CPU and a GPU the table does
+    not know get no MFU (rather than a ratio to another card's peak, which would read as a real
+    figure); the describe() line says how to give one."""
+    if override_tflops is not None:
+        if not (math.isfinite(override_tflops) and override_tflops > 0):
+            raise ConfigError(f"--peak-tflops {override_tflops}: must be a positive number of TFLOP/s")
+        return MfuPeak(override_tflops * 1e12, f"--peak-tflops {override_tflops:g}")
+    if device_name is None:
+        return MfuPeak(None, "no GPU")
+    for pattern, card, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return MfuPeak(tflops * 1e12, f"{device_name}: {card}")
+    return MfuPeak(None, f"unknown GPU {device_name!r}; give its dense bf16 peak with --peak-tflops")
+
+
+def mfu_peak(override_tflops: float | None = None) -> MfuPeak:
+    """The MFU peak of this process's current device."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return peak_for_device(name, override_tflops)
+
+
 # --------------------------------------------------------------------------- step timing
 
 
 class Throughput:
-    """Accumulates per-step counters between two log lines on one rank."""
+    """Accumulates per-step counters between two log lines on one rank. `peak_flops` is one
+    device's peak (`MfuPeak.flops`); None reports no MFU."""
 
-    def __init__(self):
+    def __init__(self, peak_flops: float | None = None):
+        self.peak_flops = peak_flops
         self.reset()
 
     def reset(self) -> None:
@@ -131,6 +195,9 @@ class Throughput:
         self.images += images
         self.flops += flops
 
+    def mfu(self, flops_per_s_per_gpu: float) -> float | None:
+        return flops_per_s_per_gpu / self.peak_flops if self.peak_flops else None
+
     def summary(self, dp_group, world_size: int, device) -> dict:
         """Global figures for the interval, reduced over the data-parallel group (every TP/PP rank
         of a DP replica sees the same samples, so summing over DP counts each sample once)."""
@@ -145,7 +212,7 @@ class Throughput:
             "tokens_per_s": tokens / elapsed,
             "images_per_s": images / elapsed,
             "tflops_per_gpu": flops / elapsed / world_size / 1e12,
-            "mfu": flops / elapsed / world_size / H100_PEAK_FLOPS,
+            "mfu": self.mfu(flops / elapsed / world_size),
             "data_wait_s": self.data_wait / steps,
             "data_wait_frac": self.data_wait / elapsed,
         }
@@ -227,8 +294,6 @@ class MetricsLogger:
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
     return str(x)
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from engine.convert.io import CheckpointError, ShardedSafetensorsWriter, WeightReader
+from engine.convert.io import ShardedSafetensorsWriter, WeightReader
+from engine.errors import CheckpointError
 from engine.convert.llava_hf import hub_name, match_preset, trainer_flags
 from engine.convert.original_llava import LlamaClipSource, OriginalLlavaSource
 from engine.convert.sources import LlavaHFSource

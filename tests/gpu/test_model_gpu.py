@@ -133,7 +133,7 @@ def _bench_batch(cfg, seq_length=4096):
 
 
 def useful_flops(cfg, batch) -> float:
-    """docs/DESIGN accounting: LLM 6*N*tokens + causal attention + LM head, projector 6*N*image tokens,
+    """docs/flops.md accounting: LLM 6*N*tokens + causal attention + LM head, projector 6*N*image tokens,
     frozen vision tower forward only."""
     lang, vis = cfg.language, cfg.vision
     tokens = batch["tokens"].numel()

@@ -1,12 +1,10 @@
-"""Throughput accounting: the DESIGN.md FLOP formula on known shapes, and the per-batch counts
-(documents, padding, images) on real packed batches."""
+"""Throughput accounting: the FLOP formula of docs/flops.md on known shapes, the per-batch counts
+(documents, padding, images) on real packed batches, and the peak MFU is measured against."""
 
 from __future__ import annotations
 
-import io
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,8 +12,10 @@ from engine.config import get_preset
 from engine.data.dataset import PackedDataset
 from engine.data.loader import collate
 from engine.data.packing import PackingConfig
-from engine.training.metrics import (H100_PEAK_FLOPS, MetricsLogger, Throughput, TimedIterator, TrainableParts,
-                                     batch_documents, llm_matmul_params, step_flops, vision_matmul_params)
+from engine.errors import ConfigError
+from engine.training.metrics import (MetricsLogger, Throughput, TimedIterator, TrainableParts, batch_documents,
+                                     llm_matmul_params, mfu_peak, peak_for_device, step_flops,
+                                     vision_matmul_params)
 
 
 def test_parameter_counts_of_llava_7b():
@@ -78,8 +78,62 @@ def test_throughput_and_data_wait():
     out = meter.summary(dp_group=None, world_size=1, device=torch.device("cpu"))
     assert meter.tokens == 200 and meter.images == 4
     assert out["data_wait_s"] > 0 and 0 < out["data_wait_frac"] <= 1
-    assert out["mfu"] == pytest.approx(out["tflops_per_gpu"] * 1e12 / H100_PEAK_FLOPS)
+    assert out["tflops_per_gpu"] == pytest.approx(2e9 / (out["step_time_s"] * 2) / 1e12, rel=1e-6)
+    assert out["mfu"] is None  # no peak given: no MFU
     assert out["tokens_per_s"] == pytest.approx(200 / (out["step_time_s"] * 2), rel=1e-6)
+
+
+def test_mfu_against_the_given_peak_over_all_gpus():
+    meter = Throughput(peak_flops=989e12)
+    meter.add_batch(100.0, 2.0, 4 * 989e12)  # four GPUs' worth of peak work
+    meter.steps = 1
+    out = meter.summary(dp_group=None, world_size=8, device=torch.device("cpu"))
+    elapsed = out["step_time_s"]
+    assert out["tflops_per_gpu"] == pytest.approx(4 * 989 / 8 / elapsed, rel=1e-6)
+    assert out["mfu"] == pytest.approx(0.5 / elapsed, rel=1e-6)
+    assert out["mfu"] == pytest.approx(out["tflops_per_gpu"] * 1e12 / 989e12)
+
+
+@pytest.mark.parametrize("name,card,tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989),
+    ("NVIDIA H200", "H200 SXM", 989),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756),
+    ("NVIDIA H100 NVL", "H100 NVL", 835),
+    ("NVIDIA H200 NVL", "H200 NVL", 835),
+    ("NVIDIA GH200 480GB", "GH200", 989),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312),
+    ("NVIDIA A100-PCIE-40GB", "A100", 312),
+    ("NVIDIA L40S", "L40S", 362),
+    ("NVIDIA A10", "A10", 125),
+    ("NVIDIA B200", "B200", 2250),
+])
+def test_peak_by_device_name(name, card, tflops):
+    peak = peak_for_device(name)
+    assert peak.flops == tflops * 1e12
+    assert peak.describe().startswith(f"MFU peak: {tflops} TFLOP/s per GPU, dense bf16 ({name}: {card}")
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA GB200", "NVIDIA H20", "NVIDIA GeForce RTX 4090", "Tesla V100-SXM2-16GB"])
+def test_unknown_gpu_reports_no_mfu_and_says_how_to_give_one(name):
+    """Not the nearest card's peak: A10G is not an A10, GB200's GPU is not a B200, H20 not an H200."""
+    peak = peak_for_device(name)
+    assert peak.flops is None
+    assert peak.describe() == f"MFU: not reported (unknown GPU {name!r}; give its dense bf16 peak with --peak-tflops)"
+
+
+def test_peak_override_and_cpu():
+    assert peak_for_device("NVIDIA H100 PCIe", override_tflops=500).flops == 500e12
+    assert peak_for_device("NVIDIA A10G", override_tflops=70).describe() == \
+        "MFU peak: 70 TFLOP/s per GPU, dense bf16 (--peak-tflops 70)"
+    assert peak_for_device(None, override_tflops=1.5).flops == 1.5e12  # the flag is obeyed on any device
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--peak-tflops .*: must be a positive number"):
+            peak_for_device("NVIDIA H200", override_tflops=bad)
+    cpu = peak_for_device(None)
+    assert cpu.flops is None and cpu.describe() == "MFU: not reported (no GPU)"
+    if not torch.cuda.is_available():
+        assert mfu_peak() == cpu
+        assert mfu_peak(400).flops == 400e12
 
 
 def test_metrics_logger_writes_json_lines(tmp_path):
@@ -95,6 +149,12 @@ def test_metrics_logger_writes_json_lines(tmp_path):
     assert rows[1]["kind"] == "valid" and rows[1]["loss"] == 2.25
     assert lines[0] == ("train | iteration 3 | consumed samples 6 | loss 2.50000 | lr 1.000e-04 | "
                         "grad norm 0.5000 | MFU 25.00% | skipped 0")
+    # No MFU (a CPU): the JSON line says null, the console line leaves it out.
+    logger = MetricsLogger(jsonl=str(tmp_path / "cpu.jsonl"), printer=lines.append)
+    logger.log({"iteration": 1, "loss": 2.5, "tflops_per_gpu": 0.01, "mfu": None}, "train")
+    logger.close()
+    assert json.loads((tmp_path / "cpu.jsonl").read_text())["mfu"] is None
+    assert lines[-1] == "train | iteration 1 | loss 2.50000 | TFLOP/s/GPU 0.01"
 
 
 def test_tensorboard_scalars(tmp_path):

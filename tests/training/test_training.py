@@ -70,7 +70,7 @@ def test_short_run_learns_logs_and_checkpoints(reference):
         assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
         assert r["consumed_samples"] == 2 * r["iteration"]
         assert r["tokens_per_s"] > 0 and r["images_per_s"] > 0 and r["tflops_per_gpu"] > 0
-        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] * 1e12 / 989e12)
+        assert r["mfu"] is None  # no MFU on a CPU (engine.training.metrics.mfu_peak)
         assert r["peak_mem_gib"] > 0.1 and 0 <= r["data_wait_frac"] < 1 and r["step_time_s"] > 0
         assert math.isfinite(r["grad_norm"]) and r["skipped"] == 0
     # The schedule: linear warmup from 0 over 2 steps, then cosine from 1e-3 to 1e-4 by step 6.
