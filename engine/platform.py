@@ -29,6 +29,7 @@ class PlatformInfo:
     device_name: str
     has_te: bool  # transformer_engine.pytorch imports
     has_flash_attn: bool  # flash_attn (Dao-AILab) imports
+    fp8_unsupported: str | None = "no GPU"  # why FP8 GEMMs cannot run here; None when they can
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ def _imports(module: str) -> bool:
         return False
 
 
+def _fp8_unsupported(cuda: bool) -> str | None:
+    """Why this machine cannot run FP8 GEMMs (None when it can): they need a GPU of compute
+    capability 8.9 or newer (Ada, Hopper, Blackwell) and Transformer Engine."""
+    if not cuda:
+        return "no GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no FP8 tensor cores; 8.9 or newer is needed"
+    if not _imports("transformer_engine.pytorch"):
+        return "Transformer Engine is not installed (pip install .[te])"
+    return None
+
+
 def setup_platform() -> PlatformInfo:
     """Detect the platform once; on CPU install the megatron-core CPU mode. Idempotent."""
     global _INFO
@@ -70,6 +84,7 @@ def setup_platform() -> PlatformInfo:
         device_name=torch.cuda.get_device_name() if cuda else "cpu",
         has_te=cuda and _imports("transformer_engine.pytorch"),
         has_flash_attn=cuda and _imports("flash_attn"),
+        fp8_unsupported=_fp8_unsupported(cuda),
     )
     if not cuda:
         from engine import patches

@@ -127,6 +127,7 @@ def language_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params
         # emits bf16 logit gradients.
         cross_entropy_loss_fusion=kernels.cross_entropy != "unfused",
         cross_entropy_fusion_impl="te" if kernels.cross_entropy == "te" else "native",
+        **(kernels.fp8.transformer_config(language=True) if kernels.fp8 else {}),
     )
     return TransformerConfig(
         num_layers=lang.num_layers,
@@ -168,6 +169,7 @@ def vision_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params_d
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
         gradient_accumulation_fusion=kernels.wgrad_fusion != "off",
+        **(kernels.fp8.transformer_config(language=False) if kernels.fp8 and kernels.fp8.vision else {}),
         **_common(kernels, params_dtype, bf16, **overrides),
     )
 

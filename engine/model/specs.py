@@ -46,6 +46,61 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- the kernel plan
 
 
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+
+
+@dataclass(frozen=True)
+class Fp8Plan:
+    """FP8 GEMMs through Transformer Engine (Megatron's --fp8-* flags).
+
+    format        "e4m3" everywhere, or "hybrid" (e4m3 forward, e5m2 gradients)
+    recipe        "delayed" (scales from an amax history), "tensorwise" (TE's current scaling) or
+                  "blockwise" (per-block scales)
+    amax_history_len, amax_compute_algo   the delayed recipe's history and how it is reduced
+    bf16_layers_at_start, bf16_layers_at_end   language layers kept in bf16 (--first-last-layers-bf16)
+    vision        the frozen vision tower's forward in FP8 too (--fp8-vision)
+    """
+
+    format: str = "hybrid"
+    recipe: str = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    bf16_layers_at_start: int = 0
+    bf16_layers_at_end: int = 0
+    vision: bool = False
+
+    def __post_init__(self):
+        if self.format not in FP8_FORMATS:
+            raise ValueError(f"--fp8-format {self.format!r}: choose from {', '.join(FP8_FORMATS)}")
+        if self.recipe not in FP8_RECIPES:
+            raise ValueError(f"--fp8-recipe {self.recipe!r}: choose from {', '.join(FP8_RECIPES)}")
+        if self.amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"--fp8-amax-compute-algo {self.amax_compute_algo!r}: choose from max, most_recent")
+        if self.amax_history_len < 1:
+            raise ValueError(f"--fp8-amax-history-len must be >= 1, got {self.amax_history_len}")
+        if min(self.bf16_layers_at_start, self.bf16_layers_at_end) < 0:
+            raise ValueError("--num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16 must be >= 0")
+        if self.recipe == "delayed" and (self.bf16_layers_at_start or self.bf16_layers_at_end):
+            raise ValueError("--first-last-layers-bf16 needs --fp8-recipe tensorwise or blockwise "
+                             "(Transformer Engine's delayed scaling runs every layer of a block in one FP8 region)")
+
+    def describe(self) -> str:
+        bf16 = (f", bf16 layers {self.bf16_layers_at_start} first/{self.bf16_layers_at_end} last"
+                if self.bf16_layers_at_start or self.bf16_layers_at_end else "")
+        history = f" (amax history {self.amax_history_len}, {self.amax_compute_algo})" if self.recipe == "delayed" else ""
+        return f"{self.format}/{self.recipe}{history}{bf16}, vision {'fp8' if self.vision else 'bf16'}"
+
+    def transformer_config(self, *, language: bool) -> dict:
+        """The TransformerConfig fields of the language model (or the vision tower)."""
+        fields = dict(fp8=self.format, fp8_recipe=self.recipe, fp8_amax_history_len=self.amax_history_len,
+                      fp8_amax_compute_algo=self.amax_compute_algo)
+        if language and (self.bf16_layers_at_start or self.bf16_layers_at_end):
+            fields.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=self.bf16_layers_at_start,
+                          num_layers_at_end_in_bf16=self.bf16_layers_at_end)
+        return fields
+
+
 @dataclass(frozen=True)
 class KernelPlan:
     """Which kernel fills each slot, for one run. Every field is a short name:
@@ -64,6 +119,7 @@ class KernelPlan:
     grad_norm          "multi-tensor" (apex/TE), "mcore-local" (per-tensor fp32 norms) or "fp64"
                        (CPU: sums of squares in float64, engine.patches)
     device             "cuda" or "cpu"
+    fp8                None (bf16/fp32 GEMMs) or the FP8 settings (Transformer Engine layers only)
     """
 
     spec: str
@@ -76,6 +132,7 @@ class KernelPlan:
     optimizer: str
     grad_norm: str
     device: str
+    fp8: Fp8Plan | None = None
 
     @property
     def uses_te(self) -> bool:
@@ -85,21 +142,35 @@ class KernelPlan:
         return (f"kernels: {self.spec} spec, attention {self.attention}, rope {self.rope}, "
                 f"swiglu {self.swiglu}, vision-activation {self.vision_activation}, "
                 f"wgrad-fusion {self.wgrad_fusion}, cross-entropy {self.cross_entropy}, "
-                f"optimizer {self.optimizer}, grad-norm {self.grad_norm}, on {self.device}")
+                f"optimizer {self.optimizer}, grad-norm {self.grad_norm}, "
+                f"fp8 {self.fp8.describe() if self.fp8 else 'off'}, on {self.device}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelPlan:
+        fp8 = d.get("fp8")
+        return cls(**{**d, "fp8": Fp8Plan(**fp8) if fp8 else None})
+
 
 def plan_kernels(*, attention_backend: str = "auto", half_precision: bool = False,
                  gradient_accumulation_fusion: bool = False, cross_entropy_loss_fusion: bool = False,
-                 platform: PlatformInfo | None = None) -> KernelPlan:
+                 fp8: Fp8Plan | None = None, platform: PlatformInfo | None = None) -> KernelPlan:
     """The kernel plan for this process's platform and these flags (raises ValueError naming the
     flag when a requested kernel cannot run here)."""
     info = platform or setup_platform()
     cuda = info.device == "cuda"
     attention = _attention_backend(attention_backend, info, half_precision)
     te = attention == "te"
+    if fp8 is not None:
+        if info.fp8_unsupported:
+            raise ValueError(f"--fp8-format needs FP8 tensor cores and Transformer Engine: {info.fp8_unsupported}")
+        if not te:
+            raise ValueError(f"--fp8-format runs on the Transformer Engine layers; --attention-backend "
+                             f"{attention_backend} chose {attention!r} (use auto or te)")
+        if not half_precision:
+            raise ValueError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 activations and fp32 main weights)")
     plan = KernelPlan(
         spec="te" if te else "local",
         attention=attention,
@@ -111,6 +182,7 @@ def plan_kernels(*, attention_backend: str = "auto", half_precision: bool = Fals
         optimizer=_optimizer_kernel(),
         grad_norm=_grad_norm_kernel(cuda),
         device=info.device,
+        fp8=fp8,
     )
     if plan not in _LOGGED:
         _LOGGED.add(plan)

@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from engine.config import VisionConfig
+
+FP8_ROWS = 8  # Transformer Engine's FP8 GEMMs take a multiple of 8 rows
 
 
 class CLIPVisionTower(MegatronModule):
@@ -60,12 +63,18 @@ class CLIPVisionTower(MegatronModule):
             return self._features(images)
 
     def _features(self, images: Tensor) -> Tensor:
+        n = images.size(0)
+        if self.config.fp8 and n % FP8_ROWS:
+            # FP8 GEMMs need a multiple of 8 rows; 577 tokens per image is odd, so the image count
+            # is padded (with blank images whose features are dropped)
+            images = torch.cat([images, images.new_zeros(FP8_ROWS - n % FP8_ROWS, *images.shape[1:])])
         x = self.conv1(images.to(self.conv1.weight.dtype))  # [N, hidden, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # [N, patches, hidden]
         x = torch.cat([self.class_token.expand(x.size(0), -1, -1).to(x.dtype), x], dim=1)
         x = self.ln_pre(x + self.position_embeddings.weight.to(x.dtype))
         x = x.transpose(0, 1).contiguous()  # megatron layers run [s, b, h]
-        for layer in self.decoder.layers[: self.num_layers_run]:
-            x, _ = layer(hidden_states=x, attention_mask=None)
-        x = x.transpose(0, 1)
+        with get_fp8_context(self.config):  # FP8 GEMMs only with --fp8-vision (a no-op otherwise)
+            for layer in self.decoder.layers[: self.num_layers_run]:
+                x, _ = layer(hidden_states=x, attention_mask=None)
+        x = x.transpose(0, 1)[:n]
         return x[:, 1:] if self.drop_class_token else x

@@ -98,3 +98,39 @@ def test_patch_groups_are_recorded_and_removable():
         assert patches.original(layers, "_grad_accum_fusion_available") is False
     assert not patches.installed("wgrad-fusion") and not layers._grad_accum_fusion_available
     assert getattr(layers, "fused_weight_gradient_mlp_cuda", None) is before
+
+
+def test_fp8_needs_te_fp8_hardware_and_bf16():
+    from engine.model.specs import Fp8Plan
+
+    with pytest.raises(ValueError, match="no GPU"):
+        plan_kernels(half_precision=True, fp8=Fp8Plan(), platform=CPU)
+    ada_less = PlatformInfo(device="cuda", backend="nccl", device_name="NVIDIA A100", has_te=True, has_flash_attn=False,
+                            fp8_unsupported="NVIDIA A100 (compute capability 8.0) has no FP8 tensor cores")
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        plan_kernels(half_precision=True, fp8=Fp8Plan(), platform=ada_less)
+    hopper = PlatformInfo(device="cuda", backend="nccl", device_name="NVIDIA H200", has_te=True, has_flash_attn=False,
+                          fp8_unsupported=None)
+    with pytest.raises(ValueError, match="Transformer Engine layers"):
+        plan_kernels(attention_backend="sdpa", half_precision=True, fp8=Fp8Plan(), platform=hopper)
+    with pytest.raises(ValueError, match="needs --bf16"):
+        plan_kernels(half_precision=False, fp8=Fp8Plan(), platform=hopper)
+    plan = plan_kernels(half_precision=True, fp8=Fp8Plan(recipe="tensorwise", bf16_layers_at_start=1), platform=hopper)
+    assert plan.spec == "te" and "fp8 hybrid/tensorwise, bf16 layers 1 first/0 last, vision bf16" in plan.describe()
+    assert KernelPlan.from_dict(plan.as_dict()) == plan
+
+
+def test_fp8_settings_are_checked_and_mapped_to_megatron_fields():
+    from engine.model.specs import Fp8Plan
+
+    for kwargs, match in [(dict(format="e5m2"), "--fp8-format"), (dict(recipe="mxfp8"), "--fp8-recipe"),
+                          (dict(amax_compute_algo="mean"), "--fp8-amax-compute-algo"),
+                          (dict(amax_history_len=0), "--fp8-amax-history-len"),
+                          (dict(bf16_layers_at_end=1), "needs --fp8-recipe tensorwise")]:
+        with pytest.raises(ValueError, match=match):
+            Fp8Plan(**kwargs)
+    fp8 = Fp8Plan(format="e4m3", recipe="blockwise", bf16_layers_at_start=2, bf16_layers_at_end=1)
+    assert fp8.transformer_config(language=True) == dict(
+        fp8="e4m3", fp8_recipe="blockwise", fp8_amax_history_len=1024, fp8_amax_compute_algo="max",
+        first_last_layers_bf16=True, num_layers_at_start_in_bf16=2, num_layers_at_end_in_bf16=1)
+    assert "first_last_layers_bf16" not in fp8.transformer_config(language=False)
