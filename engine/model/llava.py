@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -44,6 +45,7 @@ from engine.model import specs
 from engine import patches
 from engine.model.attention import PackedDocuments
 from engine.model.fusions import rope_tables
+from engine.model.sharding import canonical_name
 from engine.model.specs import KernelPlan, plan_kernels
 from engine.model.vision import CLIPVisionTower
 
@@ -241,6 +243,16 @@ class LLaVAModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
             pg_collection=groups,
         )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """mcore's sharded state dict, with checkpoint keys in the torch-native spec's names, so a
+        checkpoint saved under one spec loads under the other (Transformer Engine's extra state,
+        FP8 scales among it, is saved under its own keys)."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for value in sharded.values():
+            if isinstance(value, (ShardedTensor, ShardedTensorFactory)):
+                value.key = canonical_name(value.key)
+        return sharded
 
     def set_input_tensor(self, input_tensor) -> None:
         """Activations from the previous pipeline stage (called by mcore's schedules)."""

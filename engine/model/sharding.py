@@ -23,7 +23,8 @@ from megatron.core import parallel_state
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)\.(.*)$")
 # Transformer Engine fuses the pre-norms into the next linear; names differ from the local spec.
-_TE_NAMES = {
+# Checkpoints and full state dicts always use the local names (`canonical_name`).
+TE_NORM_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -37,10 +38,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def full_name(model, name: str) -> str:
-    for te, local in _TE_NAMES.items():
+def canonical_name(name: str) -> str:
+    """A parameter or checkpoint key with Transformer Engine's fused-norm names replaced by the
+    torch-native spec's (the same weights under either spec)."""
+    for te, local in TE_NORM_NAMES.items():
         if name.endswith("." + te):
-            name = name[: -len(te)] + local
+            return name[: -len(te)] + local
+    return name
+
+
+def full_name(model, name: str) -> str:
+    name = canonical_name(name)
     m = _LAYER.match(name)
     if m:
         layer = model.language_model.decoder.layers[int(m.group(2))]

@@ -250,6 +250,7 @@ class Saver:
             consumed_samples=consumed_samples,
             model_config=dataclasses.asdict(model_config),
             layout=_layout(),
+            kernels=_unwrap(model).kernels.as_dict(),
             args=args_dict or {},
             adam_steps=_adam_steps(optimizer),
         )
@@ -411,6 +412,43 @@ def check_compatible(saved: dict, current: ModelConfig, where: Path) -> None:
             f"than this run's (preset {current.name!r}):\n  " + "\n  ".join(diffs))
 
 
+def _spec_of(common: dict) -> str:
+    return (common.get("kernels") or {}).get("spec", "local")
+
+
+def _check_optimizer_spec(common: dict, model, ckpt: Path, per_rank_optimizer: bool) -> None:
+    """The per-DP-rank optimizer layout is a flat buffer in the order of the model's parameters,
+    which differs between the Transformer Engine and torch-native layer specs (TE fuses each
+    pre-norm into the next linear): that state only loads under the spec that saved it."""
+    saved, now = _spec_of(common), _unwrap(model).kernels.spec
+    if per_rank_optimizer and saved != now:
+        raise CheckpointError(
+            f"{ckpt} was saved with the {saved!r} layer spec and its optimizer state in the per-rank layout "
+            f"(--no-dist-ckpt-optim-fully-reshardable), whose order of parameters differs under this run's "
+            f"{now!r} spec. Resume with the {saved!r} spec (--attention-backend), or pass --no-load-optim to "
+            "take the weights (they load under either spec) and restart the optimizer")
+
+
+def _drop_absent_extra_state(model_state: dict, ckpt: Path) -> None:
+    """A checkpoint saved under the other layer spec has no Transformer Engine extra state (FP8
+    scaling state and the like) for some modules: those start fresh instead of failing the load."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    present = set(_read(ckpt, load_sharded_metadata, str(ckpt)))
+    for key in [k for k, v in model_state.items()
+                if isinstance(v, ShardedObject) and k.endswith("_extra_state") and v.unique_key not in present]:
+        del model_state[key]
+
+
+def _load_model_state(model, state: dict, ckpt: Path) -> None:
+    """load_state_dict, strict except for module extra states the checkpoint did not hold."""
+    result = _unwrap(model).load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt}: weights do not match this model: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
+
+
 def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config: ModelConfig, *,
                     load_optimizer: bool = True, load_rng: bool = True, log=print) -> tuple[int, int]:
     """Resume from the newest checkpoint under `root`. Returns (iteration, consumed_samples);
@@ -441,6 +479,8 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
             f"PP={layout.get(model_parallel[1])}: its optimizer state only loads into that TP/PP layout "
             f"(this run: TP={_layout()[model_parallel[0]]} PP={_layout()[model_parallel[1]]}). Resume with "
             "that layout, or pass --no-load-optim to take the weights and restart the optimizer")
+    _check_optimizer_spec(common, model, ckpt, load_optimizer and optim_metadata.get("distrib_optim_sharding_type")
+                          == "dp_reshardable")
     with_rng = load_rng and same_layout
     if load_rng and not same_layout:
         log(f"checkpoint layout {common.get('layout')} differs from this run's {_layout()}: "
@@ -448,8 +488,9 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
 
     state = _state_dict(model, optimizer, loading=True, with_optimizer=load_optimizer,
                         with_rng=with_rng, optim_metadata=optim_metadata)
+    _drop_absent_extra_state(state["model"], ckpt)
     loaded = _read(ckpt, dist_checkpointing.load, state, str(ckpt))
-    _unwrap(model).load_state_dict(loaded["model"], strict=True)
+    _load_model_state(model, loaded["model"], ckpt)
     if load_optimizer:
         with torch.no_grad():  # fp32 main weights are views of the (grad-requiring) parameters
             optimizer.load_state_dict(loaded["optimizer"])
@@ -478,8 +519,9 @@ def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfi
     if "model_config" in common:
         check_compatible(common["model_config"], model_config, ckpt)
     state = {"model": _unwrap(model).sharded_state_dict()}
+    _drop_absent_extra_state(state["model"], ckpt)
     loaded = _read(ckpt, dist_checkpointing.load, state, str(ckpt))
-    _unwrap(model).load_state_dict(loaded["model"], strict=True)
+    _load_model_state(model, loaded["model"], ckpt)
     if optimizer is not None:
         optimizer.reload_model_params()
     log(f"loaded pretrained weights from {ckpt}")
