@@ -20,6 +20,20 @@ pytestmark = pytest.mark.gpu
 TINY = get_preset("tiny")
 
 
+def _te_installed() -> bool:
+    from engine.platform import setup_platform
+
+    return setup_platform().has_te
+
+
+# Every model check runs under both layer specs: torch-native ("local") and Transformer Engine.
+SPECS = ["local", pytest.param("te", marks=pytest.mark.skipif("not _te_installed()", reason="Transformer Engine not installed"))]
+
+
+def _kernels(spec: str, half: bool = False, local_backend: str = "sdpa"):
+    return plan_kernels(attention_backend="te" if spec == "te" else local_backend, half_precision=half)
+
+
 def _cuda(batch: dict) -> dict:
     # cu_seqlens stays on the host: the model keeps a host copy anyway (no device sync)
     return {k: v.cuda() if torch.is_tensor(v) and k != "cu_seqlens" else v for k, v in batch.items()}
@@ -52,10 +66,11 @@ def _doc_positions(batch):
     return torch.cat([torch.arange(a, b) for a, b in lb.documents_of(batch)])
 
 
-def test_fp32_matches_hf_llava_exactly(mcore_cuda, sp):
+@pytest.mark.parametrize("spec", SPECS)
+def test_fp32_matches_hf_llava_exactly(mcore_cuda, sp, spec):
     batch = _cuda(lb.packed_batch(sp, TINY))
     hf = lb.hf_llava(TINY, seed=3, initializer_range=0.1).cuda()
-    model = _engine_from_hf(hf, kernels=plan_kernels(attention_backend="sdpa"))
+    model = _engine_from_hf(hf, kernels=_kernels(spec))
     with torch.no_grad():
         ours = model(batch).reshape(-1)
     ref = _hf_per_document(hf, batch)
@@ -63,7 +78,7 @@ def test_fp32_matches_hf_llava_exactly(mcore_cuda, sp):
     torch.testing.assert_close(ours[keep], ref[keep], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["varlen", "sdpa"])
+@pytest.mark.parametrize("backend", ["varlen", "sdpa", *SPECS[1:]])
 def test_bf16_matches_hf_llava_within_bf16_error(mcore_cuda, sp, backend):
     """bf16 engine vs fp32 HF is no worse than bf16 HF vs fp32 HF (the error bf16 itself makes)."""
     batch = _cuda(lb.packed_batch(sp, TINY))
@@ -83,10 +98,12 @@ def test_bf16_matches_hf_llava_within_bf16_error(mcore_cuda, sp, backend):
     assert ours_err.max() <= 2 * hf_err.max() + 1e-2
 
 
-def test_packed_equals_documents_alone_bf16(mcore_cuda, sp):
+@pytest.mark.parametrize("spec", SPECS)
+def test_packed_equals_documents_alone_bf16(mcore_cuda, sp, spec):
     batch = lb.packed_batch(sp, TINY)
     torch.manual_seed(0)
-    model = build_model(TINY, params_dtype=torch.bfloat16, bf16=True).eval()  # auto: varlen
+    model = build_model(TINY, params_dtype=torch.bfloat16, bf16=True,
+                        kernels=_kernels(spec, half=True, local_backend="varlen")).eval()
     with torch.no_grad():
         packed = model(_cuda(batch)).reshape(-1)
         for (a, b), items in zip(lb.documents_of(batch), [lb.DOCS[0], lb.DOCS[2], lb.DOCS[1]]):
@@ -95,11 +112,12 @@ def test_packed_equals_documents_alone_bf16(mcore_cuda, sp):
             assert diff.mean() < 1e-2 and diff.max() < 0.1, (a, b, diff.mean().item(), diff.max().item())
 
 
-def test_full_recompute_gives_the_same_gradients(mcore_cuda, sp):
+@pytest.mark.parametrize("spec", SPECS)
+def test_full_recompute_gives_the_same_gradients(mcore_cuda, sp, spec):
     batch = _cuda(lb.packed_batch(sp, TINY))
     grads, weights = [], None
     for recompute in (None, "full", "selective"):
-        model = build_model(TINY, recompute_granularity=recompute, kernels=plan_kernels(attention_backend="sdpa"))
+        model = build_model(TINY, recompute_granularity=recompute, kernels=_kernels(spec))
         weights = weights or gather_state_dict(model)
         load_full_state_dict(model, weights)
         loss = model(batch)
@@ -150,7 +168,7 @@ def useful_flops(cfg, batch) -> float:
     return llm + proj + vision
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("backend", ["varlen", "sdpa", *SPECS[1:]])
 def test_7b_bench_two_layers_forward_backward(mcore_cuda, backend):
     cfg = get_preset("llava-7b-bench", num_layers=2)
     torch.manual_seed(0)
