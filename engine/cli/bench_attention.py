@@ -2,10 +2,11 @@
 
 Prints one JSON line per (layout, backend): forward+backward time and useful TFLOP/s, where
 useful FLOPs = 6 x sum_docs(s_doc^2) x heads x head_dim (causal, within-document pairs only, the
-same count whichever kernel runs; DESIGN.md's accounting). Also checks each backend's output and
-gradients against fp32 SDPA on a small layout first.
+same count whichever kernel runs, as engine/training/metrics.py counts attention). Also checks each
+backend's output and gradients against fp32 SDPA on a small layout first.
 
-    python tools/bench_attention.py [--heads 32] [--head-dim 128] [--json-out FILE]
+    llava-bench-attention [--heads 32] [--head-dim 128] [--json-out FILE]
+    (or: python tools/bench_attention.py ...)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from engine.bench.timing import median_cuda_seconds
+
 
 def _cudnn_thd():
     try:
@@ -27,22 +30,6 @@ def _cudnn_thd():
     except Exception as e:  # noqa: BLE001 - optional accelerator
         print(f"# cudnn frontend unavailable: {e}", file=sys.stderr)
         return None
-
-
-def median_cuda_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
-    """Median device time of `fn()` over `iters` runs after `warmup` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def backends():
@@ -136,28 +123,34 @@ def layouts():
     }
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--json-out")
-    a = p.parse_args()
+def run(heads: int, head_dim: int) -> tuple[dict, list[dict]]:
+    """(the backends, one row per backend and layout), each row printed as it is measured."""
     dev = torch.device("cuda")
     rows = []
     fns = backends()
     for name, fn in fns.items():
         try:
-            err = check(fn, a.heads, a.head_dim, dev)
+            err = check(fn, heads, head_dim, dev)
         except Exception as e:  # noqa: BLE001 - report and go on with the others
             print(json.dumps({"backend": name, "error": repr(e)[:300]}))
             continue
         for lname, lengths in layouts().items():
-            t, tf = bench(fn, lengths, a.heads, a.head_dim, dev)
+            t, tf = bench(fn, lengths, heads, head_dim, dev)
             row = {"backend": name, "layout": lname, "docs": len(lengths), "tokens": sum(lengths),
                    "ms": round(t * 1e3, 3), "useful_tflops": round(tf, 1),
                    "max_rel_err": round(max(err.values()), 5)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return fns, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--json-out")
+    a = p.parse_args(argv)
+    fns, rows = run(a.heads, a.head_dim)
     if a.json_out:
         with open(a.json_out, "w") as f:
             for r in rows:
@@ -170,7 +163,8 @@ def main():
             cells.append(f"{r[0]['useful_tflops']:14.1f}" if r else f"{'-':>14s}")
         print(f"{lname:22s} " + " ".join(cells))
     assert not math.isnan(sum(r["useful_tflops"] for r in rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

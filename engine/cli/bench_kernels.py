@@ -1,7 +1,7 @@
 """The torch-native fusions (engine/model/fusions.py) against the unfused megatron-core path they
 replace, at the 7B-shaped layer sizes, one H100/H200. Prints one JSON line per case.
 
-    python tools/bench_kernels.py [--tokens 8192] [--json-out PATH]
+    llava-bench-kernels [--tokens 8192] [--json-out PATH]      (or: python tools/bench_kernels.py ...)
 
 wgrad: weight gradient of one linear layer over one micro-batch of T tokens, accumulated into an
 fp32 main-grad buffer: unfused = bf16 GEMM + `main_grad.add_(grad)` (mcore's DDP hook), fused =
@@ -19,11 +19,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from bench_attention import median_cuda_seconds  # noqa: E402
+from engine.bench.timing import median_cuda_seconds
 
 
 def wgrad_cases(tokens: int) -> list[dict]:
@@ -83,17 +79,18 @@ def rope_case(tokens: int) -> dict:
             "speedup": round(t_u / t_f, 3)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (B*S)")
     p.add_argument("--json-out", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     rows = wgrad_cases(a.tokens) + [rope_case(a.tokens)]
     for r in rows:
         print(json.dumps(r), flush=True)
     if a.json_out:
         Path(a.json_out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

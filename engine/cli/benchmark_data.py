@@ -1,8 +1,8 @@
 """Data-pipeline benchmarks; each result is one JSON line on stdout.
 
-    python tools/benchmark_data.py packing [--documents 10000000] [--seq-length 4096]
-    python tools/benchmark_data.py loader [--workers 0 1 4] [--samples 256]
-    python tools/benchmark_data.py all
+    llava-benchmark-data packing [--documents 10000000] [--seq-length 4096]
+    llava-benchmark-data loader [--workers 0 1 4] [--samples 256]
+    llava-benchmark-data all          (or: python tools/benchmark_data.py ...)
 
 `packing` times the C++ packing index over synthetic documents shaped like interleaved web /
 lecture data: text lengths log-normal (median ~400 tokens, long tail), images per document
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.config import IMAGE_TOKEN_ID  # noqa: E402
-from engine.data.packing import PackingConfig, build_packing_index  # noqa: E402
+from engine.config import IMAGE_TOKEN_ID
+from engine.data.packing import PackingConfig, build_packing_index
 
 
 def emit(**fields) -> None:
@@ -164,7 +162,7 @@ def bench_loader(args) -> None:
                          **time_loader(ds, workers, normalize_on, pin, device, args))
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["packing", "loader", "all"])
     p.add_argument("--documents", type=int, default=None,
@@ -184,7 +182,8 @@ def main(argv=None) -> None:
         bench_packing(argparse.Namespace(**{**vars(args), "documents": args.documents or 10_000_000}))
     if args.what in ("loader", "all"):
         bench_loader(argparse.Namespace(**{**vars(args), "documents": args.documents or 200}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

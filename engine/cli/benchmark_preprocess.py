@@ -1,6 +1,7 @@
 """Preprocessing throughput on >= 720p JPEGs made from real photographs; prints one JSON line.
 
-    python tools/benchmark_preprocess.py --images 960 --workers 1 2 --height 720
+    llava-benchmark-preprocess --images 960 --workers 1 2 --height 720
+    (or: python tools/benchmark_preprocess.py ...)
 
 Inputs: scikit-image's photographs, centre-cropped to 16:9 and upscaled (bicubic) to
 ``--height`` p, saved as JPEG q90, six per document, with the photos' own descriptions (the
@@ -23,9 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from PIL import Image
@@ -79,7 +77,7 @@ def bench_pipeline(images: list[Path], n: int, draft: bool) -> tuple[float, floa
 
 
 def bench_tool(docs: Path, folder: Path, n_images: int, workers: int, tokenizer: str) -> dict:
-    from tools.preprocess_interleaved import main
+    from engine.cli.preprocess import main
 
     prefix = folder / f"out_w{workers}"
     argv = ["--input", str(docs), "--output-prefix", str(prefix), "--tokenizer-model", tokenizer,
@@ -102,7 +100,7 @@ def bench_tool(docs: Path, folder: Path, n_images: int, workers: int, tokenizer:
             "images_per_cpu_s": round(n_images / cpu, 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=960)
     p.add_argument("--height", type=int, default=720, help="input height in pixels (16:9)")
@@ -129,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             "tool": [bench_tool(docs, folder, args.images, w, args.tokenizer_model) for w in args.workers],
         }
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,9 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from engine.convert.io import CheckpointError, parse_dtype

@@ -1,7 +1,7 @@
 """Look inside a preprocessed dataset: statistics, and one packed sample rendered as HTML.
 
-    python tools/inspect_dataset.py PREFIX [--seq-length 4096] [--json]
-    python tools/inspect_dataset.py PREFIX --render 3 --out sample3.html
+    llava-inspect PREFIX [--seq-length 4096] [--json]      (or: python tools/inspect_dataset.py ...)
+    llava-inspect PREFIX --render 3 --out sample3.html
 
 Statistics: documents, images, tokens, LLM positions (an image counts as --tokens-per-image
 positions), histograms of document length and of images per document, and the packing
@@ -31,13 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `engine` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.config import CLIP_MEAN, CLIP_STD  # noqa: E402
-from engine.data.dataset import PackedDataset  # noqa: E402
-from engine.data.format import FormatError, IndexedDataset  # noqa: E402
-from engine.data.packing import POLICIES, PackingConfig  # noqa: E402
+from engine.config import CLIP_MEAN, CLIP_STD
+from engine.data.dataset import PackedDataset
+from engine.data.format import FormatError, IndexedDataset
+from engine.data.packing import POLICIES, PackingConfig
 
 BAR_WIDTH = 40
 
