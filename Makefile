@@ -22,7 +22,7 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 test: $(STAMP) build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 quickstart: $(STAMP) build
 	bash examples/quickstart.sh
