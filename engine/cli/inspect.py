@@ -223,6 +223,39 @@ def _render_text(tokenizer, ids: np.ndarray, trained: np.ndarray) -> str:
     return "".join(out)
 
 
+def _render_segment(ds: PackedDataset, k: int, sample: dict, segment, span: tuple[int, int], image_at: dict,
+                    tokenizer) -> str:
+    """One packed segment (document `d`, its tokens [a, b)) at positions `span` of sample k."""
+    (d, a, b), (p0, p1) = segment, span
+    tokens, loss_mask = sample["tokens"].numpy(), sample["loss_mask"].numpy()
+    image_id, tpi = ds.reader.image_token_id, ds.config.tokens_per_image
+    n = int(ds.reader.doc_lengths[d])
+    part = "whole document" if (a, b) == (0, n) else f"tokens [{a:,}, {b:,}) of {n:,}"
+    parts = [f'<section class="segment"><h2>document {d}: {part}; positions [{p0:,}, {p1:,})</h2>'
+             '<div class="text">']
+    # trained[p]: position p's token is a target, i.e. the position before it has loss
+    trained = np.zeros(p1 - p0, bool)
+    trained[1:] = loss_mask[p0:p1 - 1] > 0
+    p = p0
+    while p < p1:
+        if p in image_at:
+            n_img = image_at[p]
+            parts.append(f'<figure><img src="{_data_uri(sample["images"][n_img])}" '
+                         f'alt="image {n_img}"><figcaption>image {n_img}: {tpi} positions, no loss'
+                         "</figcaption></figure>")
+            p += tpi
+            continue
+        q = p
+        while q < p1 and q not in image_at:
+            q += 1
+        if np.any(tokens[p:q] == image_id):
+            raise ValueError(f"sample {k}: <image> positions without an image offset in [{p}, {q})")
+        parts.append(_render_text(tokenizer, tokens[p:q], trained[p - p0:q - p0]))
+        p = q
+    parts.append("</div></section>")
+    return "".join(parts)
+
+
 def render_sample_html(ds: PackedDataset, k: int, tokenizer) -> str:
     """The HTML page of sample k (training order) of `ds`."""
     if not 0 <= k < len(ds):
@@ -230,11 +263,10 @@ def render_sample_html(ds: PackedDataset, k: int, tokenizer) -> str:
                          f"at seq_length {ds.config.seq_length}")
     sample = ds[k]
     segments = ds.index.segments_of(k).tolist()
-    tokens = sample["tokens"].numpy()
     loss_mask = sample["loss_mask"].numpy()
     cu = sample["cu_seqlens"].tolist()
     image_at = {int(p): j for j, p in enumerate(sample["image_offsets"].tolist())}
-    image_id, tpi, seq = ds.reader.image_token_id, ds.config.tokens_per_image, ds.config.seq_length
+    tpi, seq = ds.config.tokens_per_image, ds.config.seq_length
     used = cu[len(segments)]
 
     body = []
@@ -243,32 +275,7 @@ def render_sample_html(ds: PackedDataset, k: int, tokenizer) -> str:
             body.append(f'<section class="segment padding"><h2>padding: {p1 - p0:,} positions '
                         f"(pad id {ds.pad_id}, no loss)</h2></section>")
             continue
-        d, a, b = segments[j]
-        n = int(ds.reader.doc_lengths[d])
-        part = "whole document" if (a, b) == (0, n) else f"tokens [{a:,}, {b:,}) of {n:,}"
-        parts = [f'<section class="segment"><h2>document {d}: {part}; positions [{p0:,}, {p1:,})</h2>'
-                 '<div class="text">']
-        # trained[p]: position p's token is a target, i.e. the position before it has loss
-        trained = np.zeros(p1 - p0, bool)
-        trained[1:] = loss_mask[p0:p1 - 1] > 0
-        p = p0
-        while p < p1:
-            if p in image_at:
-                n_img = image_at[p]
-                parts.append(f'<figure><img src="{_data_uri(sample["images"][n_img])}" '
-                             f'alt="image {n_img}"><figcaption>image {n_img}: {tpi} positions, no loss'
-                             "</figcaption></figure>")
-                p += tpi
-                continue
-            q = p
-            while q < p1 and q not in image_at:
-                q += 1
-            if np.any(tokens[p:q] == image_id):
-                raise ValueError(f"sample {k}: <image> positions without an image offset in [{p}, {q})")
-            parts.append(_render_text(tokenizer, tokens[p:q], trained[p - p0:q - p0]))
-            p = q
-        parts.append("</div></section>")
-        body.append("".join(parts))
+        body.append(_render_segment(ds, k, sample, segments[j], (p0, p1), image_at, tokenizer))
 
     n_images = len(image_at)
     trained_total = int(loss_mask.sum())
