@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check engine tools tests
 
 test: $(STAMP) build lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 quickstart: $(STAMP) build
 	bash examples/quickstart.sh

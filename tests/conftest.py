@@ -1,25 +1,19 @@
-"""Shared fixtures: the real tokenizer model and real photographs shipped by installed packages."""
+"""Shared fixtures: the real tokenizer model and real photographs shipped by installed packages.
+Plain helper functions (ports, process launchers, JSONL logs) are in tests/helpers.py."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+from helpers import REPO, tokenizer_path
 
-REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_model() -> str:
-    # LLAVA_TOKENIZER_MODEL points at a copy where mistral-common is not installed (GPU machines).
-    if os.environ.get("LLAVA_TOKENIZER_MODEL"):
-        return os.environ["LLAVA_TOKENIZER_MODEL"]
-    import mistral_common
-
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    assert path.is_file(), path
-    return str(path)
+    return tokenizer_path()
 
 
 @pytest.fixture(scope="session")

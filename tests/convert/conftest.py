@@ -208,7 +208,7 @@ def imports(tmp_path_factory, llava_hf_dir, interleaved):
     def get(tp: int, pp: int) -> dict:
         if (tp, pp) not in done:
             target = tmp_path_factory.mktemp(f"engine_tp{tp}_pp{pp}") / "ckpt"
-            from tools.convert_checkpoint import run_import
+            from engine.cli.convert import run_import
 
             done[tp, pp] = run_import("llava-hf", llava_hf_dir, target, tp, pp, dtype="fp32",
                                       verify_input=interleaved, progress=False, log=lambda *_: None)

@@ -1,4 +1,5 @@
-"""tools/convert_checkpoint.py end to end, on tiny random transformers models (fp32, CPU, gloo).
+"""The checkpoint converter (engine/cli/convert.py, `llava-convert`) end to end, on tiny random
+transformers models (fp32, CPU, gloo).
 
 The input is a real interleaved document (real tokenizer, two real photographs) with each image
 expanded to 576 positions: the same token sequence goes into transformers and into the engine.
@@ -15,7 +16,7 @@ from PIL import Image
 
 from engine.convert.io import WeightReader
 from engine.convert.llava_hf import hub_name
-from tools.convert_checkpoint import main, run_export
+from engine.cli.convert import main, run_export
 
 pytestmark = pytest.mark.slow  # every test here starts gloo process groups
 ATOL = 1e-4  # fp32, logits of magnitude ~2; observed differences are ~1e-6

@@ -9,26 +9,14 @@ on image targets or on text before the first image).
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import read_jsonl, run_ranks
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_first_training_step_loss_equals_transformers_loss(imports, tiny_llava, photos, tokenizer_model, tmp_path):
@@ -59,15 +47,11 @@ def test_first_training_step_loss_equals_transformers_loss(imports, tiny_llava, 
 
     ckpt = imports(2, 1)["target"]  # written at TP=2, trained at TP=1
     log = tmp_path / "log.jsonl"
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONPATH=str(REPO))
     argv = ["--model", "tiny", "--data-path", str(prefix), "--split", "100,0,0", "--seq-length", str(len(expanded) + 7),
             "--train-iters", "1", "--num-workers", "0", "--lr", "1e-4", "--eval-interval", "100",
             "--pretrained-checkpoint", ckpt, "--log-jsonl", str(log)]
-    run = subprocess.run([sys.executable, "-m", "engine.pretrain", *argv], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "loaded pretrained weights from" in run.stdout + run.stderr
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    (rank,) = run_ranks(argv, 1, tmp_path / "logs", timeout=600)
+    assert "loaded pretrained weights from" in rank.output
+    records = read_jsonl(log)
     step1 = next(r for r in records if r.get("iteration") == 1 and "loss" in r)
     assert step1["loss"] == pytest.approx(expected.item(), rel=1e-5)

@@ -1,4 +1,5 @@
-"""tools/preprocess_interleaved.py end to end: real photos, the real tokenizer, every kind of bad input."""
+"""The preprocessing (engine/data/preprocess.py, `llava-preprocess`) end to end: real photos, the
+real tokenizer, every kind of bad input."""
 
 import hashlib
 import json
@@ -15,8 +16,10 @@ from skimage import data as skdata
 
 from engine.data.format import IndexedDataset, dataset_paths
 from engine.data.images import preprocess_file
+from engine.cli.preprocess import main as preprocess_main
+from engine.data import preprocess as pipeline
 from engine.data.tokenizer import build_tokenizer, encode_document
-from tools import preprocess_interleaved as tool
+from helpers import read_jsonl, tokenizer_path
 
 REPO = Path(__file__).resolve().parents[2]
 IMG = 32000
@@ -111,17 +114,11 @@ def inputs(corpus):
 
 def _run(inputs_, prefix, *extra, workers=1, check=True):
     argv = ["--input", *map(str, inputs_), "--output-prefix", str(prefix),
-            "--tokenizer-model", _tokenizer_path(), "--workers", str(workers), "--no-progress", *map(str, extra)]
-    rc = tool.main(argv)
+            "--tokenizer-model", tokenizer_path(), "--workers", str(workers), "--no-progress", *map(str, extra)]
+    rc = preprocess_main(argv)
     if check:
         assert rc == 0
     return rc
-
-
-def _tokenizer_path() -> str:
-    import mistral_common
-
-    return str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
 
 
 def _files(prefix) -> dict:
@@ -131,14 +128,14 @@ def _files(prefix) -> dict:
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer("sentencepiece", _tokenizer_path())
+    return build_tokenizer("sentencepiece", tokenizer_path())
 
 
 @pytest.fixture(scope="module")
 def mixed_run(inputs, tmp_path_factory):
     prefix = tmp_path_factory.mktemp("mixed") / "ds"
     _run([inputs["mixed"]], prefix, "--image-root", inputs["images"], "--docs-per-part", 4)
-    errors = [json.loads(line) for line in Path(f"{prefix}.errors.jsonl").read_text().splitlines()]
+    errors = read_jsonl(f"{prefix}.errors.jsonl")
     return prefix, errors
 
 
@@ -229,14 +226,14 @@ def test_json_list_reports_indices(inputs, tmp_path):
     items = [json.dumps(GOOD[0]), json.dumps(_obelics(["gone.jpg"], [None])), "{not json}", json.dumps(GOOD[2])]
     (tmp_path / "docs.json").write_text("[\n" + ",\n".join(items) + "\n]\n")
     _run([tmp_path / "docs.json"], tmp_path / "ds", "--image-root", inputs["images"])
-    errors = [json.loads(x) for x in Path(f"{tmp_path / 'ds'}.errors.jsonl").read_text().splitlines()]
+    errors = read_jsonl(f"{tmp_path / 'ds'}.errors.jsonl")
     assert [(e["index"], e["kind"]) for e in errors] == [(1, "missing_image"), (2, "malformed_json")]
     assert IndexedDataset(tmp_path / "ds").num_documents == 2
     # a truncated file: the documents before the cut are kept, the cut one is reported
     text = (tmp_path / "docs.json").read_text()
     (tmp_path / "cut.json").write_text(text[: text.index(json.dumps(GOOD[2])) + 30])
     _run([tmp_path / "cut.json"], tmp_path / "cut", "--image-root", inputs["images"])
-    errors = [json.loads(x) for x in Path(f"{tmp_path / 'cut'}.errors.jsonl").read_text().splitlines()]
+    errors = read_jsonl(f"{tmp_path / 'cut'}.errors.jsonl")
     assert errors[-1]["index"] == 3 and "truncated" in errors[-1]["reason"]
     assert IndexedDataset(tmp_path / "cut").num_documents == 1
 
@@ -246,7 +243,7 @@ def test_absolute_paths_inside_the_root_are_fine(corpus, tmp_path):
     lines = [json.dumps(_obelics([str(inside)], [None])), json.dumps(_obelics([str(outside)], [None]))]
     (tmp_path / "abs.jsonl").write_text("\n".join(lines) + "\n")
     _run([tmp_path / "abs.jsonl"], tmp_path / "ds", "--image-root", corpus / "images")
-    errors = [json.loads(x) for x in Path(f"{tmp_path / 'ds'}.errors.jsonl").read_text().splitlines()]
+    errors = read_jsonl(f"{tmp_path / 'ds'}.errors.jsonl")
     assert [(e["line"], e["kind"]) for e in errors] == [(2, "unsafe_path")]
 
 
@@ -262,9 +259,9 @@ def test_same_bytes_for_any_worker_count(inputs, tmp_path):
     _run([inputs["mixed"], inputs["good"]], tmp_path / "w1", "--image-root", inputs["images"], "--docs-per-part", 3)
     cmd = [sys.executable, str(REPO / "tools" / "preprocess_interleaved.py"), "--input", str(inputs["mixed"]),
            str(inputs["good"]), "--image-root", str(inputs["images"]), "--docs-per-part", "3", "--workers", "2",
-           "--tokenizer-model", _tokenizer_path(), "--output-prefix", str(tmp_path / "w2")]
+           "--tokenizer-model", tokenizer_path(), "--output-prefix", str(tmp_path / "w2")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": ""})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's engine
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["workers"] == 2 and summary["documents_out"] == len(BAD) + len(GOOD)
@@ -284,7 +281,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs, tmp_path, monkeypatch
     _run(args[0], tmp_path / "ref", *args[1:])
     calls = {"n": 0}
     if where == "mid_part":  # killed while processing the 13th document (third part)
-        real = tool.process_document
+        real = pipeline.process_document
 
         def flaky(*a):
             calls["n"] += 1
@@ -292,9 +289,9 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs, tmp_path, monkeypatch
                 raise _Interrupt()
             return real(*a)
 
-        monkeypatch.setattr(tool, "process_document", flaky)
+        monkeypatch.setattr(pipeline, "process_document", flaky)
     else:  # killed after the second part's data is renamed into place, before its completion marker
-        real = tool._atomic_write
+        real = pipeline._atomic_write
 
         def flaky(path, text):
             if path.name.endswith(".done.json"):
@@ -303,7 +300,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs, tmp_path, monkeypatch
                     raise _Interrupt()
             return real(path, text)
 
-        monkeypatch.setattr(tool, "_atomic_write", flaky)
+        monkeypatch.setattr(pipeline, "_atomic_write", flaky)
     prefix = tmp_path / "ds"
     with pytest.raises(_Interrupt):
         _run(args[0], prefix, *args[1:])
@@ -322,7 +319,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs, tmp_path, monkeypatch
 
 def test_stale_parts_from_other_settings_are_discarded(inputs, tmp_path, monkeypatch, capsys):
     args = ([inputs["good"]], "--image-root", inputs["images"], "--docs-per-part", 1)
-    real, calls = tool.process_document, {"n": 0}
+    real, calls = pipeline.process_document, {"n": 0}
 
     def flaky(*a):
         calls["n"] += 1
@@ -330,7 +327,7 @@ def test_stale_parts_from_other_settings_are_discarded(inputs, tmp_path, monkeyp
             raise _Interrupt()
         return real(*a)
 
-    monkeypatch.setattr(tool, "process_document", flaky)
+    monkeypatch.setattr(pipeline, "process_document", flaky)
     with pytest.raises(_Interrupt):
         _run(args[0], tmp_path / "ds", *args[1:])
     monkeypatch.undo()
@@ -353,19 +350,19 @@ def test_folder_input_and_merge(inputs, corpus, tmp_path):
     _run([inputs["good"]], tmp_path / "file", "--image-root", inputs["images"])
     assert _files(tmp_path / "dir")["tokens.bin"] == _files(tmp_path / "file")["tokens.bin"]
 
-    assert tool.main(["--merge", str(tmp_path / "dir"), str(tmp_path / "file"),
-                      "--output-prefix", str(tmp_path / "merged")]) == 0
+    assert preprocess_main(["--merge", str(tmp_path / "dir"), str(tmp_path / "file"),
+                            "--output-prefix", str(tmp_path / "merged")]) == 0
     merged = IndexedDataset(tmp_path / "merged")
     merged.verify()
     assert merged.num_documents == 6 and merged.tokens(3).tolist() == merged.tokens(0).tolist()
 
 
 def test_argument_errors(inputs, tmp_path, capsys):
-    assert tool.main(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
-                      "--tokenizer-model", _tokenizer_path(), "--no-progress"]) == 1
+    assert preprocess_main(["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                            "--tokenizer-model", tokenizer_path(), "--no-progress"]) == 1
     assert "nope.jsonl: no such file or folder" in capsys.readouterr().err
-    assert tool.main(["--input", str(inputs["good"]), "--output-prefix", str(tmp_path / "x"),
-                      "--image-root", str(tmp_path / "nowhere"), "--tokenizer-model", _tokenizer_path()]) == 1
+    assert preprocess_main(["--input", str(inputs["good"]), "--output-prefix", str(tmp_path / "x"),
+                            "--image-root", str(tmp_path / "nowhere"), "--tokenizer-model", tokenizer_path()]) == 1
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -389,6 +386,6 @@ def test_valid_image_flags_and_forced_format(inputs, tok, tmp_path):
     assert Path(f"{tmp_path / 'ds'}.errors.jsonl").read_text() == ""
 
     _run([tmp_path / "d.json"], tmp_path / "forced", "--image-root", inputs["images"], "--format", "mmc4")
-    errors = [json.loads(x) for x in Path(f"{tmp_path / 'forced'}.errors.jsonl").read_text().splitlines()]
+    errors = read_jsonl(f"{tmp_path / 'forced'}.errors.jsonl")
     assert [(e["line"], e["kind"]) for e in errors] == [(1, "bad_field")]
     assert "missing field 'text_list'" in errors[0]["reason"]

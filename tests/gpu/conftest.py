@@ -1,12 +1,13 @@
 """GPU checks (`pytest -q tests/gpu`): skipped without CUDA. One process, NCCL world of 1."""
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import free_port
 
 # The real-photo / real-tokenizer batch builder and the Hugging Face twins are shared with the
 # CPU model suite.
@@ -27,10 +28,8 @@ def mcore_cuda():
     from engine.platform import init_distributed
 
     if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     # exact fp32 references: no TF32 in matmuls or the vision tower's convolution
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -1,16 +1,11 @@
 """Model tests run megatron-core in this process as a one-rank gloo group (TP=PP=1)."""
 
 import os
-import socket
 
 import pytest
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ tensor-parallel backward is checked too.
 
 import pytest
 
-from distributed_utils import run_distributed
+from helpers import run_distributed
 
 LAYOUTS = {  # name: (tp, pp, sequence_parallel)
     "tp2": (2, 1, False),

@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def training_data(tmp_path_factory) -> str:
     """The training tests' dataset (tests/training/conftest.py: real photos, real text)."""
-    from faultlib import REPO, tokenizer_path
+    from helpers import REPO, tokenizer_path
 
     spec = importlib.util.spec_from_file_location("training_data", REPO / "tests" / "training" / "conftest.py")
     module = importlib.util.module_from_spec(spec)
@@ -42,10 +42,11 @@ def training_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def training_reference(training_data, tmp_path_factory) -> dict:
     """An uninterrupted run of faultlib.training_flags: {iteration: logged record}."""
-    from faultlib import TRAIN_ITERS, jsonl_records, run_training, training_flags
+    from faultlib import TRAIN_ITERS, run_training, training_flags
+    from helpers import read_jsonl
 
     root = tmp_path_factory.mktemp("training_reference")
     run_training(training_flags(training_data, root, "--log-jsonl", root / "log.jsonl"), root / "out.log")
-    records = jsonl_records(root / "log.jsonl")
+    records = read_jsonl(root / "log.jsonl", "train")
     assert [r["iteration"] for r in records] == list(range(1, TRAIN_ITERS + 1))
     return {"root": root, "records": {r["iteration"]: r for r in records}}

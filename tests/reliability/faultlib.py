@@ -31,12 +31,6 @@ def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def tokenizer_path() -> str:
-    import mistral_common
-
-    return str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
-
-
 @contextlib.contextmanager
 def hang_guard(seconds: float, what: str):
     """Turn a hang into a test failure: SIGALRM interrupts blocking calls (open() of a FIFO,
@@ -77,57 +71,15 @@ class DyingDataset:
 
 # ---------------------------------------------------------------------------- training processes
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_training(argv: list, log: Path, *, preexec_fn=None, driver: str | None = None):
     """`python -m engine.pretrain ARGV` as one rank in its own process group (so that a kill -9
     of the group takes its data-loader workers and checkpoint writers too), output to `log`.
     `driver`: Python source run instead of the module (it reads sys.argv[1:] as the flags)."""
-    import subprocess
-    import sys
+    from helpers import start_pretrain  # here: faultlib is also imported by drivers run without tests/
 
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "reliability")]))
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        env.pop(name, None)
-    head = ["-c", driver] if driver else ["-m", "engine.pretrain"]
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, *head, *map(str, argv)], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
-
-
-def kill_group(proc) -> None:
-    """SIGKILL the process group of a process started by `start_training`."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def jsonl_records(path: Path, kind: str = "train") -> list[dict]:
-    import json
-
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # the last line of a killed run may be cut short
-            continue
-        if record.get("kind") == kind:
-            out.append(record)
-    return out
+    return start_pretrain(argv, log, driver=driver, own_group=True, preexec_fn=preexec_fn,
+                          pythonpath=(Path(__file__).parent,)).proc
 
 
 TRAIN_ITERS, SAVE_EVERY = 8, 2
@@ -144,6 +96,8 @@ def training_flags(data: str, root: Path, *extra) -> list:
 
 def run_training(argv: list, log: Path, *, expect: int = 0, timeout: float = 300, **kw) -> str:
     """Run to the end; returns the output, failing with it unless the exit status is `expect`."""
+    from helpers import kill_group
+
     proc = start_training(argv, log, **kw)
     try:
         code = proc.wait(timeout=timeout)

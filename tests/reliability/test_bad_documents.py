@@ -1,4 +1,4 @@
-"""Random OBELICS / MMC4 documents through tools/preprocess_interleaved.py.
+"""Random OBELICS / MMC4 documents through the preprocessing (`llava-preprocess`).
 
 Property: every input document is either written exactly as docs/data_format.md says (tokens
 and images checked against an oracle written here from the spec, not from the tool's code) or
@@ -30,10 +30,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from engine.cli.preprocess import main as preprocess_main
 from engine.data.format import IndexedDataset
 from engine.data.images import preprocess_file
-from faultlib import examples, hang_guard, photo, tokenizer_path
-from tools import preprocess_interleaved as tool
+from faultlib import examples, hang_guard, photo
+from helpers import read_jsonl, tokenizer_path
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 32  # small stored images keep hundreds of runs fast; the pipeline is the same
@@ -426,13 +427,13 @@ def _run_tool(lines: list[bytes], blank_after: set[int], tree, out: Path, docs_p
             "--image-size", str(IMAGE_SIZE), "--image-storage", "raw", "--max-num-images", str(MAX_IMAGES),
             "--docs-per-part", str(docs_per_part)]
     with hang_guard(60, "preprocessing"):
-        assert tool.main(argv) == 0
+        assert preprocess_main(argv) == 0
     return {"src": src, "line_numbers": line_numbers}
 
 
 def _check(lines, run, tree, out: Path) -> None:
     outcomes = [expected_outcome(line, tree) for line in lines]
-    errors = [json.loads(e) for e in (out / "ds.errors.jsonl").read_text().splitlines()]
+    errors = read_jsonl(out / "ds.errors.jsonl")
     want_errors = [(n, o["kind"]) for n, o in zip(run["line_numbers"], outcomes) if "kind" in o]
     assert [(e["line"], e["kind"]) for e in errors] == want_errors, [e["reason"] for e in errors]
     assert all(e["source"] == str(run["src"]) and e["reason"] for e in errors)
@@ -504,7 +505,8 @@ def test_nasty_documents_in_worker_processes(tree, tmp_path):
            "--output-prefix", str(tmp_path / "ds"), "--image-root", str(tree["root"]), "--tokenizer-model",
            tokenizer_path(), "--workers", "2", "--no-progress", "--image-size", str(IMAGE_SIZE), "--image-storage",
            "raw", "--max-num-images", str(MAX_IMAGES), "--docs-per-part", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's engine
     assert proc.returncode == 0, proc.stderr
     _check(lines, {"src": src, "line_numbers": list(range(1, len(lines) + 1))}, tree, tmp_path)
 

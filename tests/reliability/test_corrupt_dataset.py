@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from engine.data.format import HEADER_SIZE, FormatError, IndexedDataset, IndexedDatasetWriter, dataset_paths
 from engine.data.images import encode_jpeg, preprocess
 from engine.data.tokenizer import SentencePieceTokenizer, encode_document
-from faultlib import examples, photo, tokenizer_path
+from faultlib import examples, photo
+from helpers import tokenizer_path
 
 SIZE = 24
 TEXTS = ["A cat sits on the mat.", "Coffee is a mixture of water and oils.", "The rocket lifts off.",

@@ -16,7 +16,7 @@ import pytest
 
 from engine.data.packing import PackingConfig
 from engine.data.tokenizer import SentencePieceTokenizer
-from faultlib import tokenizer_path
+from helpers import tokenizer_path
 
 pytestmark = pytest.mark.slow
 

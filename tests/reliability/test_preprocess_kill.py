@@ -1,4 +1,4 @@
-"""`kill -9` of tools/preprocess_interleaved.py at many points; the rerun ends byte-identical.
+"""`kill -9` of `python tools/preprocess_interleaved.py` at many points; the rerun ends byte-identical.
 
 The tool runs as a real process with two spawned workers on the bundled sample corpus (real
 photos, real prose) plus a few broken documents, in parts of 3 documents. It is killed with
@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from engine.data.format import dataset_paths
-from faultlib import tokenizer_path
+from helpers import tokenizer_path
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,9 @@ def corpus(tmp_path_factory):
     return root
 
 
+_ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # the script imports this checkout's engine
+
+
 def _command(corpus: Path, prefix: Path) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "preprocess_interleaved.py"),
             "--input", str(corpus / "lectures.jsonl"), str(corpus / "mmc4.json"),
@@ -65,7 +68,7 @@ def _outputs(prefix: Path) -> dict:
 
 
 def _run_to_completion(corpus: Path, prefix: Path) -> dict:
-    proc = subprocess.run(_command(corpus, prefix), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_command(corpus, prefix), capture_output=True, text=True, timeout=300, env=_ENV)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -100,7 +103,7 @@ def _condition(when: str, arg, prefix: Path, start: float):
 def _start_and_kill(corpus: Path, prefix: Path, when: str, arg, target: str) -> dict:
     """Start the tool, SIGKILL it when the condition holds; returns what happened."""
     proc = subprocess.Popen(_command(corpus, prefix), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group: the workers are in it
+                            env=_ENV, start_new_session=True)  # its own process group: the workers are in it
     start = time.monotonic()
     ready = _condition(when, arg, prefix, start)
     workers: set[int] = set()

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from faultlib import (POISON_DRIVER, TRAIN_ITERS, jsonl_records, run_training, checkpoint_tensors, tracker,
-                      training_flags)
+from faultlib import POISON_DRIVER, TRAIN_ITERS, checkpoint_tensors, run_training, tracker, training_flags
+from helpers import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_isolated_nan_and_inf_steps_are_skipped(training_data, tmp_path, monkeyp
     output = run_training(argv, tmp_path / "out.log", driver=POISON_DRIVER)
     assert "iteration 2: the loss or the gradients are NaN/Inf (loss sum nan); update skipped (1 in a row" in output
     assert "iteration 5: the loss or the gradients are NaN/Inf (loss sum inf); update skipped (1 in a row" in output
-    records = {r["iteration"]: r for r in jsonl_records(tmp_path / "log.jsonl")}
+    records = {r["iteration"]: r for r in read_jsonl(tmp_path / "log.jsonl", "train", killed=True)}
     assert [records[i]["skipped"] for i in range(1, 7)] == [0, 1, 0, 0, 1, 0]
     assert all(math.isfinite(records[i]["loss"]) for i in (1, 3, 4, 6))
     ckpt = tmp_path / "ckpt"
@@ -72,7 +72,7 @@ def test_consecutive_bad_steps_stop_with_the_last_good_state(training_data, tmp_
     assert ("3 consecutive steps with a NaN/Inf loss or gradients (--max-skipped-steps 3); the weights are "
             f"those of iteration 3; saved as iteration 6 in {tmp_path / 'ckpt'}") in output
     assert "Traceback" not in output
-    assert [r["iteration"] for r in jsonl_records(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "log.jsonl", "train", killed=True)] == [1, 2, 3, 4, 5, 6]
     ckpt = tmp_path / "ckpt"
     assert tracker(ckpt) == 6
     assert _same(_state_tensors(ckpt / "iter_0000003"), _state_tensors(ckpt / "iter_0000006"))
@@ -81,7 +81,7 @@ def test_consecutive_bad_steps_stop_with_the_last_good_state(training_data, tmp_
     argv = training_flags(training_data, tmp_path, "--log-jsonl", tmp_path / "resumed.jsonl")
     output = run_training(argv, tmp_path / "resumed.log")
     assert f"resumed from {ckpt / 'iter_0000006'}" in output
-    resumed = jsonl_records(tmp_path / "resumed.jsonl")
+    resumed = read_jsonl(tmp_path / "resumed.jsonl", "train", killed=True)
     assert [r["iteration"] for r in resumed] == [7, 8] and all(r["skipped"] == 0 for r in resumed)
 
 
@@ -147,7 +147,7 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(training
 
     output = run_training([*argv, "--log-jsonl", tmp_path / "c.jsonl"], tmp_path / "c.log")
     assert f"resumed from {ckpt / 'iter_0000004'}" in output
-    for r in jsonl_records(tmp_path / "c.jsonl"):
+    for r in read_jsonl(tmp_path / "c.jsonl", "train", killed=True):
         want = training_reference["records"][r["iteration"]]
         assert (r["loss"], r["grad_norm"]) == (want["loss"], want["grad_norm"]), r["iteration"]
     assert tracker(ckpt) == TRAIN_ITERS

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from faultlib import (TRAIN_ITERS, jsonl_records, kill_group, run_training, start_training, tracker,
-                      training_flags)
+from faultlib import TRAIN_ITERS, run_training, start_training, tracker, training_flags
+from helpers import kill_group, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def _condition(when: str, arg, root: Path, log: Path):
     if when == "published":
         return lambda: tracker(root / "ckpt") == arg
     if when == "after_step":
-        return lambda: len(jsonl_records(log)) >= arg
+        return lambda: len(read_jsonl(log, "train", killed=True)) >= arg
     raise ValueError(when)
 
 
@@ -45,7 +45,7 @@ def _kill_when(argv: list, root: Path, log: Path, out: Path, when: str, arg) -> 
     finally:
         kill_group(proc)
     assert not finished, f"the run ended before {when}={arg}:\n{out.read_text()[-4000:]}"
-    return {"tracker": tracker(root / "ckpt"), "steps_logged": len(jsonl_records(log)),
+    return {"tracker": tracker(root / "ckpt"), "steps_logged": len(read_jsonl(log, "train", killed=True)),
             "partial": sorted(p.name for p in (root / "ckpt").glob(".tmp_iter_*"))}
 
 
@@ -69,7 +69,7 @@ def test_kill9_then_resume_equals_uninterrupted(training_data, training_referenc
     output = run_training([*argv, "--log-jsonl", tmp_path / "resumed.jsonl"], tmp_path / "resumed.log")
     if last:
         assert f"resumed from {tmp_path / 'ckpt' / f'iter_{last:07d}'} (iteration {last}," in output
-    resumed = jsonl_records(tmp_path / "resumed.jsonl")
+    resumed = read_jsonl(tmp_path / "resumed.jsonl", "train", killed=True)
     assert [r["iteration"] for r in resumed] == list(range((last or 0) + 1, TRAIN_ITERS + 1)), killed
     for r in resumed:
         want = training_reference["records"][r["iteration"]]
@@ -98,10 +98,10 @@ def test_sigterm_during_a_save_finishes_saves_and_exits_zero(training_data, trai
     output = (tmp_path / "first.log").read_text()
     assert code == 0, output[-4000:]
     assert "stopping after iteration 5: received SIGTERM" in output
-    assert [r["iteration"] for r in jsonl_records(tmp_path / "first.jsonl")] == [1, 2, 3, 4, 5]
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "first.jsonl", "train", killed=True)] == [1, 2, 3, 4, 5]
     assert tracker(tmp_path / "ckpt") == 5 and (tmp_path / "ckpt" / "iter_0000004").is_dir()
     output = run_training([*argv, "--log-jsonl", tmp_path / "second.jsonl"], tmp_path / "second.log")
     assert "resumed from" in output and "iter_0000005" in output
-    for r in jsonl_records(tmp_path / "second.jsonl"):
+    for r in read_jsonl(tmp_path / "second.jsonl", "train", killed=True):
         want = training_reference["records"][r["iteration"]]
         assert (r["loss"], r["grad_norm"]) == (want["loss"], want["grad_norm"]), r["iteration"]

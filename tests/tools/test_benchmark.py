@@ -1,22 +1,20 @@
-"""tools/benchmark.py's profile readers on a recorded H200 trace (docs/benchmarks/): every kernel
-counted once, flash-attention kernels (whose names contain "cutlass") not taken for GEMMs."""
+"""The training benchmark's profile readers (engine/bench/profile.py) on a recorded H200 trace
+(docs/benchmarks/): every kernel counted once, flash-attention kernels (whose names contain
+"cutlass") not taken for GEMMs."""
 
 import gzip
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from engine.bench import profile
+from helpers import REPO
+
 TRACE = REPO / "docs/benchmarks/2026-12-03_profile4096_mbs2_trace.json.gz"
-sys.path.insert(0, str(REPO / "tools"))
-
-import benchmark  # noqa: E402
 
 
 def test_kernel_breakdown_of_a_recorded_trace():
-    kernels = benchmark.trace_kernels(TRACE)
+    kernels = profile.trace_kernels(TRACE)
     assert kernels == [e for e in json.load(gzip.open(TRACE))["traceEvents"] if e.get("cat") == "kernel"]
-    kinds = benchmark.kernel_breakdown(kernels)
+    kinds = profile.kernel_breakdown(kernels)
     assert abs(sum(kinds.values()) - sum(e["dur"] for e in kernels) / 1e3) < 0.1 * len(kinds)
     assert list(kinds)[0] == "matmul" and kinds["matmul"] > 0.6 * sum(kinds.values())
     flash = sum(e["dur"] for e in kernels if "flash" in e["name"]) / 1e3
@@ -29,5 +27,5 @@ def test_kernel_timeline_counts_overlap_once(tmp_path):
               {"cat": "kernel", "name": "c", "ts": 30, "dur": 5}, {"cat": "cpu_op", "name": "x", "ts": 0, "dur": 99}]
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    span, busy, idle = benchmark.kernel_timeline(benchmark.trace_kernels(trace))
+    span, busy, idle = profile.kernel_timeline(profile.trace_kernels(trace))
     assert (span, busy, idle) == (0.035, 0.02, 0.015)

@@ -1,4 +1,4 @@
-"""tools/inspect_dataset.py: statistics against known counts, and the HTML of packed samples."""
+"""`llava-inspect` (engine/cli/inspect.py): statistics against known counts, and the HTML of packed samples."""
 
 import html
 import json
@@ -14,8 +14,8 @@ from engine.data.format import IndexedDataset, IndexedDatasetWriter
 from engine.data.images import encode_jpeg, preprocess_file
 from engine.data.packing import PackingConfig
 from engine.data.tokenizer import build_tokenizer
-from tools import inspect_dataset as inspect
-from tools.preprocess_interleaved import main as preprocess
+from engine.cli import inspect
+from engine.cli.preprocess import main as preprocess
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "data"
@@ -105,7 +105,7 @@ def test_empty_dataset(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def lectures(tmp_path_factory, tokenizer_model):
-    """Four bundled lectures through tools/preprocess_interleaved.py; returns (prefix, docs)."""
+    """Four bundled lectures through the preprocessing; returns (prefix, docs)."""
     tmp = tmp_path_factory.mktemp("lectures")
     docs = {}
     for line in (SAMPLE / "textbook_sample.jsonl").read_text(encoding="utf-8").splitlines():

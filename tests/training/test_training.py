@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import _spawn
+import helpers
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +49,9 @@ def reference(tmp_path_factory, tiny_dataset):
         "dist-ckpt-optim-fully-reshardable: true\n")  # so that TP/PP resumes get the optimizer too
     argv = ["--config", config, *_common(tiny_dataset), "--num-workers", 1,
             "--save", root / "ckpt", "--save-interval", 2, "--keep-last", 2, "--log-jsonl", root / "log.jsonl"]
-    _spawn.run(argv, 1, root / "logs")
-    return {"root": root, "config": config, "train": _spawn.records(root / "log.jsonl"),
-            "valid": _spawn.records(root / "log.jsonl", "valid")}
+    helpers.run_ranks(argv, 1, root / "logs")
+    return {"root": root, "config": config, "train": helpers.read_jsonl(root / "log.jsonl", "train"),
+            "valid": helpers.read_jsonl(root / "log.jsonl", "valid")}
 
 
 def _resume(tmp_path: Path, reference, data: str, nproc: int, *extra) -> tuple[list, list]:
@@ -59,8 +59,9 @@ def _resume(tmp_path: Path, reference, data: str, nproc: int, *extra) -> tuple[l
     argv = ["--config", reference["config"], *_common(data), "--num-workers", 0,
             "--load", reference["root"] / "ckpt" / "iter_0000004", "--save", tmp_path / "ckpt",
             "--log-jsonl", tmp_path / "log.jsonl", *extra]
-    _spawn.run(argv, nproc, tmp_path / "logs")
-    return _spawn.records(tmp_path / "log.jsonl"), _spawn.records(tmp_path / "log.jsonl", "valid")
+    helpers.run_ranks(argv, nproc, tmp_path / "logs")
+    log = tmp_path / "log.jsonl"
+    return helpers.read_jsonl(log, "train"), helpers.read_jsonl(log, "valid")
 
 
 def test_short_run_learns_logs_and_checkpoints(reference):
@@ -102,8 +103,8 @@ def test_data_parallel_equals_micro_batches(reference, tiny_dataset, tmp_path):
     default per-DP-rank layout) then resumes on one rank, but refuses a TP change."""
     argv = ["--config", reference["config"], *_common(tiny_dataset), "--num-workers", 0,
             "--no-dist-ckpt-optim-fully-reshardable", "--exit-interval", 3, "--save", tmp_path / "ckpt"]
-    _spawn.run(argv + ["--log-jsonl", tmp_path / "log.jsonl"], 2, tmp_path / "logs")
-    train, valid = _spawn.records(tmp_path / "log.jsonl"), _spawn.records(tmp_path / "log.jsonl", "valid")
+    helpers.run_ranks(argv + ["--log-jsonl", tmp_path / "log.jsonl"], 2, tmp_path / "logs")
+    train, valid = (helpers.read_jsonl(tmp_path / "log.jsonl", kind) for kind in ("train", "valid"))
     assert [r["iteration"] for r in train] == [1, 2, 3]
     for got, want in zip(train, reference["train"]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
@@ -112,14 +113,14 @@ def test_data_parallel_equals_micro_batches(reference, tiny_dataset, tmp_path):
 
     # Step 4 checks the restored weights and data position, step 5 the restored Adam state.
     resume = argv[:-4] + ["--load", tmp_path / "ckpt", "--exit-interval", 5, "--log-jsonl", tmp_path / "dp1.jsonl"]
-    _spawn.run(resume, 1, tmp_path / "logs_dp1")
-    steps = _spawn.records(tmp_path / "dp1.jsonl")
+    helpers.run_ranks(resume, 1, tmp_path / "logs_dp1")
+    steps = helpers.read_jsonl(tmp_path / "dp1.jsonl", "train")
     assert [r["iteration"] for r in steps] == [4, 5]
     for got, want in zip(steps, reference["train"][3:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
 
-    ranks = _spawn.run(resume + ["--tensor-model-parallel-size", 2], 2, tmp_path / "logs_tp2", check=False)
+    ranks = helpers.run_ranks(resume + ["--tensor-model-parallel-size", 2], 2, tmp_path / "logs_tp2", check=False)
     assert [r.proc.returncode for r in ranks] == [2, 2]
     assert "its optimizer state only loads into that TP/PP layout" in ranks[0].output
 
@@ -143,14 +144,14 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_dataset, tmp_path):
     argv = ["--model", "tiny", "--seq-length", 1536, "--global-batch-size", 2, "--train-iters", 500,
             "--data-path", tiny_dataset, "--split", "1,0,0", "--eval-interval", 0, "--num-workers", 1,
             "--log-interval", 1, "--save", tmp_path / "ckpt", "--log-jsonl", log]
-    ranks = _spawn.start(argv, 2, tmp_path / "logs")
+    ranks = helpers.start_ranks(argv, 2, tmp_path / "logs")
     deadline = time.monotonic() + 180
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
         assert time.monotonic() < deadline and all(r.proc.poll() is None for r in ranks), ranks[0].output
         time.sleep(0.2)
     ranks[0].proc.send_signal(signal.SIGTERM)
-    assert _spawn.wait(ranks, 180) == [0, 0], ranks[0].output + ranks[1].output
-    last = _spawn.records(log)[-1]["iteration"]
+    assert helpers.wait_ranks(ranks, 180) == [0, 0], ranks[0].output + ranks[1].output
+    last = helpers.read_jsonl(log, "train")[-1]["iteration"]
     assert 2 <= last < 500
     assert f"stopping after iteration {last}: received SIGTERM" in ranks[0].output
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == f"{last}\n"
@@ -161,7 +162,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_dataset, tmp_path):
 def test_incompatible_checkpoint_fails_at_start(reference, tiny_dataset, tmp_path):
     argv = ["--config", reference["config"], *_common(tiny_dataset), "--num-layers", 2,
             "--load", reference["root"] / "ckpt"]
-    ranks = _spawn.run(argv, 1, tmp_path / "logs", check=False)
+    ranks = helpers.run_ranks(argv, 1, tmp_path / "logs", check=False)
     assert ranks[0].proc.returncode == 2
     out = ranks[0].output
     assert "was saved for a different model" in out and "language.num_layers: checkpoint 4, this run 2" in out
@@ -175,13 +176,13 @@ def test_start_from_pretrained_weights(reference, tiny_dataset, tmp_path):
     argv = ["--config", reference["config"], *_common(tiny_dataset), "--num-workers", 0, "--exit-interval", 1,
             "--pretrained-checkpoint", reference["root"] / "ckpt" / "iter_0000004",
             "--save", tmp_path / "ckpt", "--load", tmp_path / "ckpt", "--log-jsonl", tmp_path / "log.jsonl"]
-    ranks = _spawn.run(argv, 1, tmp_path / "logs")
+    ranks = helpers.run_ranks(argv, 1, tmp_path / "logs")
     assert "loaded pretrained weights from" in ranks[0].output
-    (first,) = _spawn.records(tmp_path / "log.jsonl")
+    (first,) = helpers.read_jsonl(tmp_path / "log.jsonl", "train")
     assert (first["iteration"], first["consumed_samples"], first["lr"]) == (1, 2, 0.0)
     assert first["loss"] < reference["train"][0]["loss"] - 0.2
     # A rerun with the same flags resumes the run's own checkpoint instead (iteration 1 onwards).
-    ranks = _spawn.run(argv[:-2] + ["--log-jsonl", tmp_path / "log2.jsonl", "--exit-interval", 2], 1,
+    ranks = helpers.run_ranks(argv[:-2] + ["--log-jsonl", tmp_path / "log2.jsonl", "--exit-interval", 2], 1,
                        tmp_path / "logs2")
     assert "resumed from" in ranks[0].output and "loaded pretrained weights" not in ranks[0].output
-    assert [r["iteration"] for r in _spawn.records(tmp_path / "log2.jsonl")] == [2]
+    assert [r["iteration"] for r in helpers.read_jsonl(tmp_path / "log2.jsonl", "train")] == [2]

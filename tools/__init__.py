@@ -1,1 +1,0 @@
-"""Command-line tools: preprocessing, inspection, conversion, benchmarks."""
