@@ -91,3 +91,19 @@ def test_sharding_roundtrip():
             assert sorted(sum(parts, [])) == list(range(n))
             assert merge_shards(parts) == list(range(n))
     assert World(0, 1).merge(["x", "y"]) == ["x", "y"]
+
+
+def test_clip_encoder_directory(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from _eval_layouts import photo
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14)
+    CLIPVisionModel(cfg).save_pretrained(tmp_path / "clip")
+    enc = rices.ClipEncoder(tmp_path / "clip")
+    feats = enc([photo(0), photo(1), photo(0)])
+    assert feats.shape == (3, 32) and feats.dtype == torch.float32
+    assert torch.allclose(feats[0], feats[2]) and not torch.allclose(feats[0], feats[1])
+    assert enc.encoder_id.startswith("clip:") and str((tmp_path / "clip").resolve()) in enc.encoder_id
