@@ -171,10 +171,9 @@ class _Recorder(torch.utils.data.Dataset):
     the time) into its row of a table in shared memory, and clears the time once the sample is
     built: the training process reads the table to name a worker that died or hangs."""
 
-    PID, SAMPLE, STARTED = range(3)
-
     def __init__(self, dataset, num_workers: int):
         self.dataset = dataset
+        # A row per worker: pid, sample, when it began (time.monotonic_ns(); 0 once built).
         self.table = torch.zeros((num_workers, 3), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
@@ -189,7 +188,7 @@ class _Recorder(torch.utils.data.Dataset):
         try:
             return self.dataset[k]
         finally:
-            row[self.STARTED] = 0
+            row[2] = 0
 
     def dead(self) -> tuple[int, int] | None:
         """(pid, last sample) of a worker that has ended, or None."""
@@ -229,9 +228,10 @@ class WatchedLoader(torch.utils.data.DataLoader):
         super().__init__(_Recorder(dataset, num_workers), num_workers=num_workers, **kwargs)
 
     def __iter__(self) -> Iterator:
+        batches = super().__iter__()  # starts the workers and installs torch's SIGCHLD handler
         _LIVE.add(self.dataset)
         _wrap_sigchld_handler()
-        return self._watch(super().__iter__())
+        return self._watch(batches)
 
     def _watch(self, batches) -> Iterator:
         while True:
@@ -245,6 +245,9 @@ class WatchedLoader(torch.utils.data.DataLoader):
                 named = self._name(e)
                 if named is None:
                     raise
+                # Stop the workers now (a hung one is terminated after a short grace), rather than
+                # at exit, where ending them would raise again from torch's SIGCHLD handler.
+                getattr(batches, "_shutdown_workers", lambda: None)()
                 raise named from e
             yield batch
 
@@ -266,7 +269,10 @@ def _stuck(recorder: _Recorder, timeout: float) -> str:
     head = f"no batch from the data-loader workers within {timeout:g} s (--loader-timeout)"
     building = recorder.building()
     if not building:
-        return f"{head}, and none of them is building a sample (the wait is in collation, pinning or the transfer)"
+        idle = [w for w, (pid, _, _) in enumerate(recorder.table.tolist()) if pid == 0]
+        where = (f"worker(s) {', '.join(map(str, idle))} have not begun a sample yet (still starting?)" if idle
+                 else "none of them is building a sample (the wait is in collation, pinning or the transfer)")
+        return f"{head}, and {where}"
     (seconds, worker, pid, k), *others = building
     also = "".join(f"; worker {w} (pid {p}) has been building sample {j} for {s:.0f} s" for s, w, p, j in others)
     return (f"{head}: worker {worker} (pid {pid}) has been building sample {k} for {seconds:.0f} s "
