@@ -6,10 +6,9 @@ schedule → checkpoint or pretrained weights → data from the resumed position
 
 Exit status: 0 after training or after a requested stop (SIGTERM/SIGINT, --exit-interval,
 --exit-duration-in-mins), with a checkpoint saved when --save is given; 2 for a configuration,
-data or checkpoint that cannot be used, or data not delivered within --loader-timeout (the
-message says which and why); 3 when
+data or checkpoint that cannot be used (the message says which and why); 3 when
 --max-skipped-steps consecutive steps had a NaN/Inf loss or gradients (the last good state is
-saved first).
+saved first). No batch within --loader-timeout is data that cannot be used: 2.
 """
 
 from __future__ import annotations
@@ -161,9 +160,9 @@ def build_data(args: argparse.Namespace, consumed_samples: int):
     _print_rank0(f"train data: {train_ds!r}\nvalid data: {valid_ds!r}")
     loader = partial(build_loader, micro_batch_size=args.micro_batch_size,
                      data_parallel_rank=parallel_state.get_data_parallel_rank(),
-                     data_parallel_size=parallel_state.get_data_parallel_world_size())
-    train_iter = iter(loader(train_ds, consumed_samples=consumed_samples, num_workers=args.num_workers,
-                             timeout=args.loader_timeout if args.num_workers else 0))
+                     data_parallel_size=parallel_state.get_data_parallel_world_size(),
+                     num_workers=args.num_workers, timeout=args.loader_timeout)
+    train_iter = iter(loader(train_ds, consumed_samples=consumed_samples))
     make_valid = None
     if valid_ds is not None and args.eval_iters:
         make_valid = lambda: iter(loader(valid_ds, consumed_samples=0, num_workers=0))  # noqa: E731

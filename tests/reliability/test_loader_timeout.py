@@ -42,14 +42,14 @@ ds = stall_sample(PackedDataset(prefix, PackingConfig(seq_length=2048, seed=11),
                   k, fifo)
 loader = build_loader(ds, micro_batch_size=1, num_workers=2, prefetch_factor=2, timeout=timeout,
                       multiprocessing_context=context)
-start, batches = time.monotonic(), 0
+last, batches = time.monotonic(), 0
 try:
     for _ in loader:
-        batches += 1
+        last, batches = time.monotonic(), batches + 1
     result = {"error": None}
 except Exception as e:
     result = {"error": type(e).__name__, "message": str(e), "runtime_error": isinstance(e, RuntimeError)}
-result.update(batches=batches, seconds=time.monotonic() - start)
+result.update(batches=batches, waited=time.monotonic() - last, at=time.time())
 print(json.dumps(result), flush=True)
 """
 
@@ -92,11 +92,10 @@ def test_stuck_worker_is_named_within_the_timeout(corpus, tmp_path, context, tim
     k = 5
     fifo = tmp_path / "stall.fifo"
     env = {"PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'reliability'}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    started = time.monotonic()
     argv = [sys.executable, "-c", _DRIVER, str(corpus), str(k), context, str(fifo), str(timeout)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=REPO,
                           env=env)  # a hang raises TimeoutExpired
-    wall = time.monotonic() - started
+    ended = time.time()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no result (exit code {proc.returncode}): {proc.stderr[-2000:]}"
     result = json.loads(lines[-1])
@@ -104,8 +103,8 @@ def test_stuck_worker_is_named_within_the_timeout(corpus, tmp_path, context, tim
     assert f"no batch from the data-loader workers within {timeout:g} s (--loader-timeout)" in result["message"]
     _assert_names_the_stall(result["message"], fifo)
     assert result["batches"] == k  # every batch before the stuck sample, none after it
-    assert timeout <= result["seconds"] < timeout + 30, result
-    assert wall < timeout + 60, f"the process took {wall:.0f} s to end after the error"
+    assert timeout <= result["waited"] < timeout + 20, result  # from the last batch to the error
+    assert ended - result["at"] < 30, f"the process took {ended - result['at']:.0f} s to end after the error"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # the workers ended quietly
     assert _gone(json.loads(Path(f"{fifo}.who").read_text())["pid"], within=10), "the stuck worker outlived its loader"
 
