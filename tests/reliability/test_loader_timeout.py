@@ -121,6 +121,9 @@ def test_trainer_stops_with_one_line_and_keeps_the_last_checkpoint(training_data
     try:
         code = proc.wait(timeout=300)
         ended = time.time()
+        who = Path(f"{fifo}.who")
+        # checked before kill_group below, which would end a worker left behind
+        worker_gone = who.exists() and _gone(json.loads(who.read_text())["pid"], within=10)
     finally:
         kill_group(proc)
     output = log.read_text(errors="replace")
@@ -135,4 +138,4 @@ def test_trainer_stops_with_one_line_and_keeps_the_last_checkpoint(training_data
     ckpt = tmp_path / "ckpt"
     assert tracker(ckpt) == 2
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["iter_0000002"]
-    assert _gone(json.loads(Path(f"{fifo}.who").read_text())["pid"], within=10), "the stuck worker outlived training"
+    assert worker_gone, "the stuck worker outlived training"
