@@ -68,6 +68,12 @@ class WorkerDiedError(EngineError, RuntimeError):
     code) while building a sample; the message names the sample."""
 
 
+class LoaderTimeoutError(EngineError, RuntimeError):
+    """No batch arrived within the loader timeout (``--loader-timeout``): a worker hangs (a file
+    system that stopped answering, a read that never returns). The message names the worker, the
+    sample it was building and that sample's documents."""
+
+
 class DivergedError(EngineError, RuntimeError):
     """--max-skipped-steps consecutive steps had a non-finite loss or gradients; the last good
     state was saved (with --save) before this was raised."""

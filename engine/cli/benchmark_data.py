@@ -12,8 +12,8 @@ Poisson(3) (at most 12, as the preprocessing keeps), images spread through the t
 in JPEG and raw storage, then measures images/s through `PackedDataset` + `build_loader`: with
 `--workers 0` in the calling process on one thread (one worker's job, plus collation and
 pinning), else per worker of a DataLoader (total rate / workers). Where CUDA is present every
-batch goes through `to_device`, as in training. Images are normalised in the workers (float32
-batches, the default) or, `--normalize-on device`, shipped as uint8 and normalised on the GPU.
+batch goes through `to_device`, as in training: images travel as stored (uint8) and are
+normalised on the GPU.
 Token ids are synthetic: tokenization is not on this path.
 """
 
@@ -113,14 +113,14 @@ def write_dataset(prefix: Path, photos: list[np.ndarray], storage: str, num_docs
     return k
 
 
-def time_loader(ds, workers: int, normalize_on: str, pin, device, args) -> dict:
+def time_loader(ds, workers: int, pin, device, args) -> dict:
     """Iterate the loader as training does (each batch moved to `device` when there is one)."""
     import torch
 
     from engine.data.loader import build_loader, to_device
 
     loader = build_loader(ds, micro_batch_size=args.micro_batch_size, num_workers=workers, prefetch_factor=4,
-                          pin_memory=pin, normalize_images=normalize_on == "workers")
+                          pin_memory=pin)
     pins = loader.pin_memory
     it = iter(loader)
     next(it)  # start the workers and warm up before timing
@@ -156,10 +156,8 @@ def bench_loader(args) -> None:
             write_dataset(prefix, photos, storage, args.documents)
             ds = PackedDataset(prefix, PackingConfig(seq_length=args.seq_length, seed=0), split_weights="1",
                                num_samples=args.samples, cache_dir=Path(tmp) / "cache")
-            for normalize_on in args.normalize_on:
-                for workers in args.workers:
-                    emit(bench="loader", storage=storage, workers=workers, normalize_on=normalize_on,
-                         **time_loader(ds, workers, normalize_on, pin, device, args))
+            for workers in args.workers:
+                emit(bench="loader", storage=storage, workers=workers, **time_loader(ds, workers, pin, device, args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
                    help="loader: pin batches (auto: when CUDA is present, as training does)")
-    p.add_argument("--normalize-on", nargs="+", choices=["workers", "device"], default=["workers", "device"],
-                   help="loader: normalise images in the workers (float32 batches) or after to_device (uint8)")
     p.add_argument("--image-dir", default=None, help="loader: folder of photos instead of scikit-image's")
     args = p.parse_args(argv)
     if args.what in ("packing", "all"):

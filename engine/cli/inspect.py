@@ -9,10 +9,9 @@ efficiency at --seq-length: useful positions / (samples x seq_length), from the 
 index training builds (engine/data/packing.py, built in memory here, never cached).
 
 --render N writes a self-contained HTML page of packed sample N in training order, built by
-engine/data/dataset.py exactly as the trainer receives it: each image inline (a data: URI,
-de-normalised from the tensor the model gets) between its text, the text decoded with the
-tokenizer, text that gets no loss shaded, and each packed segment (a document or a piece of one)
-in its own box. A token is "trained" when the position before it has loss_mask 1, i.e. when
+engine/data/dataset.py exactly as the trainer receives it: each image inline (a data: URI of
+the stored pixels) between its text, the text decoded with the tokenizer, text that gets no loss
+shaded, and each packed segment (a document or a piece of one) in its own box. A token is "trained" when the position before it has loss_mask 1, i.e. when
 the model is trained to predict it.
 
 By default the whole dataset is packed (--split 1,0,0). To see what a training run sees, pass
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import CLIP_MEAN, CLIP_STD
 from engine.data.dataset import PackedDataset
 from engine.data.format import FormatError, IndexedDataset
 from engine.data.packing import POLICIES, PackingConfig
@@ -178,14 +176,11 @@ figcaption { font-size: 0.7em; color: #666; }
 
 
 def _data_uri(image) -> str:
-    """A CLIP-normalised float [3, H, W] image back to a JPEG data: URI."""
+    """A stored image, uint8 [H, W, 3], as a JPEG data: URI."""
     from PIL import Image
 
-    x = image.detach().cpu().numpy().transpose(1, 2, 0)
-    x = (x * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN)) * 255.0
-    pixels = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    Image.fromarray(image.numpy()).save(buf, "JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -12,6 +12,10 @@ A sample is built from its segments ``(doc, start, end)`` (see ``packing.py``) b
   document's last position, on padding, and so for every position of a document without images.
 - ``position_ids`` restart at 0 at every segment and for the padding tail; ``cu_seqlens`` holds
   the segment boundaries, the padding tail (pad id, no loss) being the last segment.
+
+Images are served as stored, uint8 [N, H, W, 3]: they cross the worker processes, pinning and the
+host-to-device copy at a quarter of the float bytes, and `engine.data.loader.to_device` normalises
+them, the one place that does.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine.config import CLIP_MEAN, CLIP_STD
 from engine.data.format import FormatError, IndexedDataset
 from engine.data.packing import (PackingConfig, PackingIndex, build_blending_index, build_packing_index,
                                  dataset_identity, default_cache_dir, index_dir, load_index,
@@ -32,28 +35,8 @@ from engine.errors import SampleError
 SPLITS = ("train", "valid", "test")
 
 
-_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-_STATS_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP mean/std on `device`, copied there once: a copy from pageable host memory on every
-    micro-batch would block the host until the GPU drained its queue (one stall per micro-batch)."""
-    if device not in _STATS_ON:
-        _STATS_ON[device] = (_MEAN.to(device), _STD.to(device))
-    return _STATS_ON[device]
-
-
-def normalize_channels_first(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``engine.data.images.normalize`` for uint8 [N, H, W, 3] -> float32 [N, 3, H, W], the same
-    float32 operations in the same order (so the same bits), done in place on the channels-first
-    result (`out` if given): several times faster than broadcasting over interleaved channels."""
-    if out is None:
-        out = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
-    out.copy_(pixels.permute(0, 3, 1, 2))
-    mean, std = _clip_stats(out.device)
-    return out.mul_(1 / 255).sub_(mean).div_(std)
+def _documents(segments: np.ndarray) -> str:
+    return ", ".join(f"doc {d} tokens [{a}, {b})" for d, a, b in segments.tolist())
 
 
 def parse_split(split: str | Sequence[float]) -> list[float]:
@@ -152,22 +135,21 @@ class PackedDataset(torch.utils.data.Dataset):
             self.index = PackingIndex(**load_index(self._index_dir))
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        return self.get(k)
-
-    def get(self, k: int, *, normalize_images: bool = True) -> dict[str, torch.Tensor]:
-        """Sample k; with ``normalize_images=False`` its images stay as stored, uint8 [N, H, W, 3]
-        (the loader normalises them straight into the batch)."""
+        """Sample k, its images as stored (uint8 [N, H, W, 3]; `loader.to_device` normalises them)."""
         if not 0 <= k < self.num_samples:
             raise IndexError(f"sample {k} out of range [0, {self.num_samples})")
         segments = self.index.segments_of(k)
         try:
-            return self.build_sample(segments, normalize_images)
+            return self.build_sample(segments)
         except Exception as e:
-            docs = ", ".join(f"doc {d} tokens [{a}, {b})" for d, a, b in segments.tolist())
-            raise SampleError(f"{self.prefix} ({self.split}): cannot build sample {k} ({docs}): "
+            raise SampleError(f"{self.prefix} ({self.split}): cannot build sample {k} ({_documents(segments)}): "
                               f"{type(e).__name__}: {e}") from e
 
-    def build_sample(self, segments: np.ndarray, normalize_images: bool = True) -> dict[str, torch.Tensor]:
+    def describe(self, k: int) -> str:
+        """Where sample k comes from: the dataset, the split and the documents (token ranges)."""
+        return f"{self.prefix} ({self.split}) sample {k}: {_documents(self.index.segments_of(k))}"
+
+    def build_sample(self, segments: np.ndarray) -> dict[str, torch.Tensor]:
         """The internals.md sample dict for a list of segments."""
         r, seq, tpi = self.reader, self.config.seq_length, self.config.tokens_per_image
         image_id = r.image_token_id
@@ -221,17 +203,16 @@ class PackedDataset(torch.utils.data.Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
             "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32),
-            "images": self._images(image_ids, normalize_images),
+            "images": self._images(image_ids),
             "image_offsets": torch.tensor(image_offsets, dtype=torch.int64),
         }
 
-    def _images(self, ids: list[int], normalize: bool) -> torch.Tensor:
+    def _images(self, ids: list[int]) -> torch.Tensor:
         size = self.reader.image_size
         pixels = np.empty((len(ids), size, size, 3), np.uint8)
         for j, i in enumerate(ids):
             pixels[j] = self.reader.image(i)
-        pixels = torch.from_numpy(pixels)
-        return normalize_channels_first(pixels) if normalize else pixels
+        return torch.from_numpy(pixels)
 
     def __repr__(self) -> str:
         return (f"PackedDataset({self.prefix!r}, {self.split}: documents [{self.documents[0]}, {self.documents[1]}), "
@@ -259,13 +240,18 @@ class BlendedDataset(torch.utils.data.Dataset):
         return len(self.dataset_index)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        return self.get(k)
+        part, j = self._locate(k)
+        return part[j]
 
-    def get(self, k: int, *, normalize_images: bool = True) -> dict[str, torch.Tensor]:
+    def describe(self, k: int) -> str:
+        part, j = self._locate(k)
+        where = part.describe(j) if hasattr(part, "describe") else f"sample {j} of {part!r}"
+        return f"blend sample {k} = {where}"
+
+    def _locate(self, k: int) -> tuple[torch.utils.data.Dataset, int]:
         if not 0 <= k < len(self):
             raise IndexError(f"sample {k} out of range [0, {len(self)})")
-        part = self.datasets[int(self.dataset_index[k])]
-        return part.get(int(self.sample_index[k]), normalize_images=normalize_images)
+        return self.datasets[int(self.dataset_index[k])], int(self.sample_index[k])
 
     def __repr__(self) -> str:
         shares = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets)) / max(len(self), 1)

@@ -6,8 +6,9 @@ What LLaVA-1.5 does with `image_aspect_ratio=pad` and CLIP's image processor, in
 2. resize the shortest side to 336 with bicubic filtering (the padded image is square, so this
    is a resize to 336x336);
 3. centre-crop 336x336 (a no-op after padding);
-4. scale to [0, 1] and normalise with CLIP's mean/std (`normalize`, done by the loader, because
-   the dataset stores the uint8 result of steps 1-3).
+4. scale to [0, 1] and normalise with CLIP's mean/std (`normalize`). The dataset stores the uint8
+   result of steps 1-3 and serves it as stored; training normalises once, on the device
+   (`engine.data.loader.to_device`).
 
 Before that, a file is made into a plain 8-bit RGB picture:
 - large JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, PIL's `draft`) that still
@@ -171,20 +172,40 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def normalize(images):
-    """uint8 [..., H, W, 3] (numpy or torch) -> float32 [..., 3, H, W]: x/255, minus CLIP mean,
-    over CLIP std. The loader calls this on decoded stored images."""
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.shape[-1] != 3:
-            raise ValueError(f"normalize expects uint8 [..., H, W, 3], got {images.dtype} {images.shape}")
-        mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
-        out = (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
-        return np.ascontiguousarray(np.moveaxis(out, -1, -3))
+_CLIP_STATS: dict = {}  # device -> (mean, std), float32 [3, 1, 1]
+
+
+def _clip_stats(device):
+    """CLIP mean/std on `device`, copied there once: a copy from pageable host memory on every
+    micro-batch would block the host until the GPU drained its queue (one stall per micro-batch)."""
     import torch
 
-    if images.dtype != torch.uint8 or images.shape[-1] != 3:
+    if device not in _CLIP_STATS:
+        mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+        _CLIP_STATS[device] = (mean.to(device), std.to(device))
+    return _CLIP_STATS[device]
+
+
+def normalize(images):
+    """uint8 [..., H, W, 3] (numpy or torch, on any device) -> float32 [..., 3, H, W]: x/255,
+    minus CLIP mean, over CLIP std, in float32 in that order. The one implementation of step 4:
+    training calls it in `engine.data.loader.to_device`, inference on its own images.
+
+    The work is done in place on the channels-first result (several times faster than
+    broadcasting over interleaved channels); a numpy array goes through the same torch code."""
+    import torch
+
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] != 3:
+            raise ValueError(f"normalize expects uint8 [..., H, W, 3], got {images.dtype} {images.shape}")
+        # torch wraps only writable arrays (a PIL image's array is read-only): copy such a one
+        return normalize(torch.from_numpy(np.require(images, requirements=("C", "W")))).numpy()
+    if images.dtype != torch.uint8 or images.dim() < 3 or images.shape[-1] != 3:
         raise ValueError(f"normalize expects uint8 [..., H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=images.device)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=images.device)
-    out = (images.to(torch.float32) * (1 / 255) - mean) / std
-    return out.movedim(-1, -3).contiguous()
+    *lead, h, w, _ = images.shape
+    pixels = images.reshape(-1, h, w, 3)
+    out = torch.empty((pixels.shape[0], 3, h, w), dtype=torch.float32, device=images.device)
+    out.copy_(pixels.permute(0, 3, 1, 2))
+    mean, std = _clip_stats(out.device)
+    return out.mul_(1 / 255).sub_(mean).div_(std).view(*lead, 3, h, w)

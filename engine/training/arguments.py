@@ -86,6 +86,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                    help="a document longer than the room left: split it at a text position, or start "
                         "a new sample (truncating documents longer than a whole sample)")
     g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+    g.add_argument("--loader-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop with an error naming the worker, its sample and documents when no batch "
+                        "arrives from the data-loader workers for this long (0: wait forever)")
     g.add_argument("--data-cache-path", default=None,
                    help="where packing/shuffle indices are cached (default: next to the data)")
 
@@ -312,6 +315,8 @@ def validate_args(args: argparse.Namespace, world_size: int, check_paths: bool =
     _check_intervals(args)
     if args.max_num_images < 1 or (args.max_images_per_sample is not None and args.max_images_per_sample < 1):
         raise ConfigError("--max-num-images and --max-images-per-sample must be >= 1")
+    if args.loader_timeout < 0:
+        raise ConfigError(f"--loader-timeout must be >= 0 seconds (0 waits forever), got {args.loader_timeout:g}")
     args.data_blend = _parse_data_path(args.data_path, check_paths)
     args.split_fractions = _parse_split(args.split)
     # --load may name a directory that does not exist yet only when the run saves there (the

@@ -8,7 +8,7 @@ Exit status: 0 after training or after a requested stop (SIGTERM/SIGINT, --exit-
 --exit-duration-in-mins), with a checkpoint saved when --save is given; 2 for a configuration,
 data or checkpoint that cannot be used (the message says which and why); 3 when
 --max-skipped-steps consecutive steps had a NaN/Inf loss or gradients (the last good state is
-saved first).
+saved first). No batch within --loader-timeout is data that cannot be used: 2.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
 
     from engine.data.format import FormatError
+    from engine.data.loader import LoaderTimeoutError
     from engine.platform import destroy_distributed, init_distributed, setup_platform
     from engine.training.checkpoint import CheckpointError
     from engine.training.loop import DivergedError
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
         return run(args, device, started)
-    except (ConfigError, CheckpointError, FormatError) as e:
+    except (ConfigError, CheckpointError, FormatError, LoaderTimeoutError) as e:
         return _fail(str(e))
     except DivergedError as e:
         _fail(str(e))
@@ -156,12 +157,10 @@ def build_data(args: argparse.Namespace, consumed_samples: int):
     except ValueError as e:  # e.g. a --split share that gets no documents of a small dataset
         raise ConfigError(f"--data-path / --split: {e}") from None
     _print_rank0(f"train data: {train_ds!r}\nvalid data: {valid_ds!r}")
-    # With a GPU, images travel as stored (uint8, a quarter of the bytes) and are normalised on
-    # the device (loop.forward_step); on CPU the workers normalise them.
     loader = partial(build_loader, micro_batch_size=args.micro_batch_size,
                      data_parallel_rank=parallel_state.get_data_parallel_rank(),
                      data_parallel_size=parallel_state.get_data_parallel_world_size(),
-                     num_workers=args.num_workers, normalize_images=not torch.cuda.is_available())
+                     num_workers=args.num_workers, timeout=args.loader_timeout)
     train_iter = iter(loader(train_ds, consumed_samples=consumed_samples))
     make_valid = None
     if valid_ds is not None and args.eval_iters:

@@ -197,6 +197,20 @@ def test_normalize_numpy_and_torch_agree(cat, coffee):
         normalize(batch.astype(np.float32))
 
 
+def test_normalize_is_the_float32_formula_bit_for_bit(cat):
+    """x/255, minus mean, over std, each rounded to float32 as numpy does it: for every pixel
+    value in every channel, on numpy and torch input, for a batch and for a single image."""
+    every_value = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)
+    for pixels in (every_value, preprocess(Image.fromarray(cat))):
+        want = (pixels.astype(np.float32) * np.float32(1 / 255) - np.asarray(CLIP_MEAN, np.float32)) \
+            / np.asarray(CLIP_STD, np.float32)
+        want = want.transpose(2, 0, 1)
+        assert np.array_equal(normalize(pixels), want)
+        assert np.array_equal(normalize(pixels[None])[0], want)
+        assert torch.equal(normalize(torch.tensor(pixels)), torch.from_numpy(want))
+    assert normalize(torch.zeros((0, 336, 336, 3), dtype=torch.uint8)).shape == (0, 3, 336, 336)
+
+
 def test_stored_jpeg_round_trip(coffee):
     pixels = preprocess(Image.fromarray(coffee))
     data = encode_jpeg(pixels, quality=95)

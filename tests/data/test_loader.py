@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine.data.dataset import PackedDataset, SampleError
+from engine.data.images import normalize
 from engine.data.loader import PretrainingSampler, build_loader, collate, to_device
 from engine.data.packing import PackingConfig
 from engine.data.tokenizer import SentencePieceTokenizer
@@ -94,7 +95,7 @@ def test_workers_give_the_same_batches(dataset):
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
     # rank 1 of 2, resumed after 2 samples: the first batch is samples 4 and 5, exactly as
-    # collating the dataset's own samples gives it (the loader normalises images in collate)
+    # collating the dataset's own samples gives it (images as stored, uint8)
     want = collate([dataset[4], dataset[5]])
     for key in want:
         assert torch.equal(torch.as_tensor(serial[0][key]), torch.as_tensor(want[key])), key
@@ -121,15 +122,21 @@ def test_worker_error_names_the_sample(tmp_path, tokenizer_model):
     assert message is not None and re.search(rf"cannot build sample {bad} \(doc 0 tokens .*checksum", message)
 
 
-def test_uint8_images_normalised_on_device_match(dataset):
-    loader = build_loader(dataset, micro_batch_size=2, num_workers=0, normalize_images=False)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_stay_uint8_until_to_device_normalises_them(dataset, workers):
+    loader = build_loader(dataset, micro_batch_size=2, num_workers=workers, prefetch_factor=1 if workers else 4)
     batch = next(iter(loader))
-    assert batch["images"].dtype == torch.uint8 and batch["images"].shape[1:] == (336, 336, 3)
-    want = collate([dataset[0], dataset[1]])
+    stored = torch.cat([dataset[0]["images"], dataset[1]["images"]])
+    assert len(stored) > 0
+    assert batch["images"].dtype == torch.uint8 and torch.equal(batch["images"], stored)
     got = to_device(batch, "cuda" if torch.cuda.is_available() else "cpu")
-    assert got["images"].dtype == torch.float32
+    assert got["images"].dtype == torch.float32 and got["images"].shape == (len(stored), 3, 336, 336)
+    assert torch.equal(got["images"].cpu(), normalize(stored))  # the one normalisation, bit for bit
+    want = collate([dataset[0], dataset[1]])
     for key in want:
-        assert torch.equal(torch.as_tensor(got[key]).cpu(), torch.as_tensor(want[key])), key
+        if key != "images":
+            assert torch.equal(torch.as_tensor(got[key]).cpu(), torch.as_tensor(want[key])), key
+    del loader
 
 
 def test_to_device_keeps_cu_seqlens_on_the_host(dataset):

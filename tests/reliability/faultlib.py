@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 from pathlib import Path
 
 from PIL import Image
 from skimage import data as skdata
+
+from engine.data.format import IndexedDataset
 
 
 def examples(n: int) -> int:
@@ -67,6 +70,61 @@ class DyingDataset:
 
     def __repr__(self) -> str:
         return f"DyingDataset({self.dataset!r})"
+
+
+def images_of(dataset, k: int) -> list[int]:
+    """Global ids of the images in sample `k` of a PackedDataset (a segment never cuts an image,
+    so each image belongs to exactly one sample of an epoch)."""
+    r = dataset.reader
+    out = []
+    for d, a, b in dataset.index.segments_of(k).tolist():
+        for i in r.doc_images(d):
+            if a <= int(r.image_positions[i]) < b:
+                out.append(i)
+    return out
+
+
+class StallingReader(IndexedDataset):
+    """A dataset reader whose reads of the images `stall` never return: they open `fifo`, a named
+    pipe nobody writes to, as a read from a network file system that stopped answering does.
+    Before blocking it writes {"worker": DataLoader worker id, "pid": ...} as JSON to `fifo` +
+    ".who". Pickles with the stall, so spawned workers get it too."""
+
+    def __init__(self, prefix, stall: list[int], fifo: str):
+        super().__init__(prefix)
+        self.stall, self.fifo = sorted(stall), str(fifo)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "stall": self.stall, "fifo": self.fifo}
+
+    def __setstate__(self, state):
+        IndexedDataset.__init__(self, state["prefix"], check_index_crc=False)
+        self.stall, self.fifo = state["stall"], state["fifo"]
+
+    def image(self, i: int):
+        if i in self.stall:
+            import torch
+
+            worker = torch.utils.data.get_worker_info()
+            Path(self.fifo + ".who").write_text(json.dumps({"worker": worker.id if worker else None,
+                                                            "pid": os.getpid()}))
+            with open(self.fifo, "rb") as f:  # blocks until a writer opens the pipe: never
+                f.read()
+        return super().image(i)
+
+
+def stall_sample(dataset, k: int, fifo: Path):
+    """Make building sample `k` of a PackedDataset hang in a read (see `StallingReader`); `k`
+    must hold an image. Creates the FIFO, and writes the sample's prefix and segments as JSON to
+    `fifo` + ".sample" (what a message about it must name)."""
+    images = images_of(dataset, k)
+    assert images, f"sample {k} holds no image to stall on"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    Path(str(fifo) + ".sample").write_text(json.dumps({"prefix": dataset.prefix, "sample": k,
+                                                        "segments": dataset.index.segments_of(k).tolist()}))
+    dataset.reader = StallingReader(dataset.prefix, images, str(fifo))
+    return dataset
 
 
 # ---------------------------------------------------------------------------- training processes
@@ -174,6 +232,27 @@ def poisoned(loss_mask, per_token_loss):
     return real(loss_mask, per_token_loss)
 
 loop.loss_func = poisoned
+from engine.training.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# Runs engine.pretrain with the train split's sample STALL_SAMPLE hanging in a read of a FIFO
+# (STALL_FIFO) in the data-loader worker that builds it (faultlib.stall_sample).
+STALL_DRIVER = """
+import os, sys
+from pathlib import Path
+import faultlib
+import engine.data.dataset as dataset
+
+real_init = dataset.PackedDataset.__init__
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    if self.split == "train":
+        faultlib.stall_sample(self, int(os.environ["STALL_SAMPLE"]), Path(os.environ["STALL_FIFO"]))
+
+dataset.PackedDataset.__init__ = init
 from engine.training.pretrain import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -34,11 +34,12 @@ from engine.data.loader import build_loader
 from engine.data.packing import PackingConfig
 from faultlib import DyingDataset
 
-prefix, how, k, context = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+prefix, how, k, context, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 ds = PackedDataset(prefix, PackingConfig(seq_length=2048, seed=11), split_weights="1,0,0", cache=False)
 if how != "corrupt":
     ds = DyingDataset(ds, k, how)
-loader = build_loader(ds, micro_batch_size=1, num_workers=2, prefetch_factor=2, multiprocessing_context=context)
+loader = build_loader(ds, micro_batch_size=1, num_workers=2, prefetch_factor=2, timeout=timeout,
+                      multiprocessing_context=context)
 start, batches = time.monotonic(), 0
 try:
     for _ in loader:
@@ -59,19 +60,22 @@ def corpus(tmp_path_factory):
     return prefix
 
 
-def _drive(prefix, how: str, k: int, context: str) -> dict:
+def _drive(prefix, how: str, k: int, context: str, timeout: float = 0) -> dict:
     env = {"PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'reliability'}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(prefix), how, str(k), context], capture_output=True,
-                          text=True, timeout=180, cwd=REPO, env=env)  # a hang raises TimeoutExpired
+    argv = [sys.executable, "-c", _DRIVER, str(prefix), how, str(k), context, str(timeout)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env=env)  # a hang raises TimeoutExpired
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no result (exit code {proc.returncode}): {proc.stderr[-2000:]}"
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# Fork workers run under training's default --loader-timeout: a death is still named at once,
+# not when the timeout runs out; spawn workers without a timeout (torch's own wait).
+@pytest.mark.parametrize("context, timeout", [("fork", 300), ("spawn", 0)])
 @pytest.mark.parametrize("how", ["exit", "kill"])
-def test_dead_worker_is_named_not_a_hang(corpus, how, context):
-    result = _drive(corpus, how, 5, context)
+def test_dead_worker_is_named_not_a_hang(corpus, how, context, timeout):
+    result = _drive(corpus, how, 5, context, timeout)
     assert result["error"] == "WorkerDiedError", result
     assert "died while building sample 5 of DyingDataset(PackedDataset(" in result["message"], result
     assert str(corpus) in result["message"]
