@@ -129,7 +129,8 @@ def run_engine(a: argparse.Namespace) -> dict:
     flags += shlex.split(a.train_args)
     args = parse_args(flags)
     info = setup_platform()
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    init_distributed(args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size,
+                     seed=args.training.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
     model, optimizer, scheduler = pretrain.build_model_and_optimizer(args)
     configure_model_config(model, optimizer, args)
@@ -151,7 +152,7 @@ def run_engine(a: argparse.Namespace) -> dict:
     backend = getattr(getattr(model, "module", model), "attention_backend", a.attention_backend)
     res = _result("engine", _config(a, cfg) | {"train_args": a.train_args}, a.steps, elapsed, meter,
                   {"attention_backend": backend, "transformer_engine": bool(info.has_te),
-                   "gradient_accumulation_fusion": args.gradient_accumulation_fusion})
+                   "gradient_accumulation_fusion": args.training.gradient_accumulation_fusion})
     if a.profile:  # after the figures are read: the profiled step's batches must not count
         profile_step(a.profile, lambda: train_step(forward_step, it, model, optimizer, scheduler, args, device))
     del model, optimizer, scheduler

@@ -34,7 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `engine` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import CLIP_MEAN, CLIP_STD  # noqa: E402
+from engine.config import CLIP_MEAN, CLIP_STD, LLAMA_SPECIAL_TOKENS  # noqa: E402
 from engine.data.dataset import PackedDataset  # noqa: E402
 from engine.data.format import FormatError, IndexedDataset  # noqa: E402
 from engine.data.packing import POLICIES, PackingConfig  # noqa: E402
@@ -362,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
     ds = packing = None
     if reader.num_documents or args.render is not None:  # an empty dataset has nothing to pack
         ds = PackedDataset(args.prefix, config, split=args.split_name, split_weights=args.split,
-                           pad_id=tokenizer.pad_id if tokenizer else 0, cache=False)
+                           pad_id=tokenizer.pad_id if tokenizer else LLAMA_SPECIAL_TOKENS.pad, cache=False)
         packing = packing_stats(ds)
     if args.json:
         print(json.dumps({"dataset": stats, "packing": packing}, indent=1))
