@@ -20,6 +20,21 @@ IMAGE_TOKEN_ID = 32000
 
 
 @dataclass(frozen=True)
+class SpecialTokens:
+    """BOS, EOS and pad ids of a vocabulary."""
+
+    bos: int
+    eos: int
+    pad: int
+
+
+# The special ids of that vocabulary: <s> 1, </s> 2; it defines no pad piece, and LLaVA pads with
+# <unk> 0. A tokenizer reads its own from its files (engine/data/tokenizer.py); this is the source
+# for code with no tokenizer at hand: padding packed samples, the exported Hugging Face configs.
+LLAMA_SPECIAL_TOKENS = SpecialTokens(bos=1, eos=2, pad=0)
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     """CLIP ViT as Hugging Face's CLIPVisionModel computes it."""
 

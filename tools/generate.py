@@ -130,6 +130,8 @@ def generate_engine(model, cfg, tokens: Tensor, images: Tensor, offsets: Tensor,
 def generate_hf(model, cfg, tokens: Tensor, images: Tensor, *, max_new_tokens: int, eos_id: int,
                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
     """New token ids from a transformers LlavaForConditionalGeneration (cached `generate`)."""
+    from engine.config import LLAMA_SPECIAL_TOKENS
+
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     torch.manual_seed(seed)
     sampling = temperature > 0
@@ -140,7 +142,7 @@ def generate_hf(model, cfg, tokens: Tensor, images: Tensor, *, max_new_tokens: i
         else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     out = model.generate(input_ids=tokens.to(device), pixel_values=images.to(device, dtype) if images.numel() else None,
                          attention_mask=torch.ones_like(tokens).to(device), max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_id, pad_token_id=0, suppress_tokens=suppress, **kwargs)
+                         eos_token_id=eos_id, pad_token_id=LLAMA_SPECIAL_TOKENS.pad, suppress_tokens=suppress, **kwargs)
     new = out[0, tokens.size(1):].tolist()
     return new[: new.index(eos_id)] if eos_id in new else new
 

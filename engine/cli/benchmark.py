@@ -96,7 +96,8 @@ def run_engine(a: argparse.Namespace) -> dict:
     flags += shlex.split(a.train_args)
     args = parse_args(flags)
     info = setup_platform()
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    init_distributed(args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size,
+                     seed=args.training.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
     model, optimizer, scheduler = pretrain.build_model_and_optimizer(args)
     train_iter, _ = pretrain.build_data(args, 0)

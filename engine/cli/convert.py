@@ -227,7 +227,9 @@ def _export_rank(rank: int, spec: dict) -> None:
 def _generation_config():
     from transformers import GenerationConfig
 
-    return GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    from engine.config import LLAMA_SPECIAL_TOKENS as ids
+
+    return GenerationConfig(bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad)
 
 
 def run_export(source: str | Path, target: str | Path, *, dtype: str = "bf16", tokenizer: str | None = None,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.config import LLAMA_SPECIAL_TOKENS
 from engine.data.dataset import PackedDataset
 from engine.data.format import FormatError, IndexedDataset
 from engine.data.packing import POLICIES, PackingConfig
@@ -361,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
     ds = packing = None
     if reader.num_documents or args.render is not None:  # an empty dataset has nothing to pack
         ds = PackedDataset(args.prefix, config, split=args.split_name, split_weights=args.split,
-                           pad_id=tokenizer.pad_id if tokenizer else 0, cache=False)
+                           pad_id=tokenizer.pad_id if tokenizer else LLAMA_SPECIAL_TOKENS.pad, cache=False)
         packing = packing_stats(ds)
     if args.json:
         print(json.dumps({"dataset": stats, "packing": packing}, indent=1))

@@ -33,7 +33,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from engine.config import PRESETS, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
+from engine.config import LLAMA_SPECIAL_TOKENS, PRESETS, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from engine.convert.hf import LAYOUTS, Layout
 from engine.convert.io import read_json
 from engine.errors import CheckpointError
@@ -250,7 +250,8 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", vocab_size: int | None =
         num_key_value_heads=lang.num_query_groups or lang.num_attention_heads,
         vocab_size=vocab_size or lang.padded_vocab_size, max_position_embeddings=lang.max_position_embeddings,
         rms_norm_eps=lang.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": lang.rotary_base},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        bos_token_id=LLAMA_SPECIAL_TOKENS.bos, eos_token_id=LLAMA_SPECIAL_TOKENS.eos,
+        pad_token_id=LLAMA_SPECIAL_TOKENS.pad, tie_word_embeddings=False,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=cfg.image_token_id,

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from engine.config import LLAMA_SPECIAL_TOKENS
 from engine.data.format import FormatError, IndexedDataset
 from engine.data.packing import (PackingConfig, PackingIndex, build_blending_index, build_packing_index,
                                  dataset_identity, default_cache_dir, index_dir, load_index,
@@ -56,9 +58,26 @@ def parse_split(split: str | Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def split_ranges(num_documents: int, split: str | Sequence[float]) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class DataSplit:
+    """``--split`` parsed once: the flag as given (it names the split in cache keys and
+    messages) and its train, valid and test fractions (`parse_split`)."""
+
+    spec: str
+    fractions: tuple[float, float, float]
+
+    @classmethod
+    def parse(cls, split: str) -> "DataSplit":
+        return cls(str(split), tuple(parse_split(split)))
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def split_ranges(num_documents: int, split: DataSplit | str | Sequence[float]) -> list[tuple[int, int]]:
     """Consecutive document ranges [lo, hi) for train, valid and test (together: every document)."""
-    bounds = np.round(np.cumsum([0.0] + parse_split(split)) * num_documents).astype(np.int64)
+    fractions = list(split.fractions) if isinstance(split, DataSplit) else parse_split(split)
+    bounds = np.round(np.cumsum([0.0] + fractions) * num_documents).astype(np.int64)
     bounds[-1] = num_documents
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
 
@@ -79,6 +98,28 @@ def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[flo
     return items[1::2], weights
 
 
+@dataclass(frozen=True)
+class DataBlend:
+    """``--data-path`` parsed once (`parse_data_path`): dataset prefixes and their weights,
+    normalised to sum to 1."""
+
+    prefixes: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, data_path: Sequence[str] | str) -> "DataBlend":
+        prefixes, weights = parse_data_path(data_path)
+        total = sum(weights)
+        return cls(tuple(prefixes), tuple(w / total for w in weights))
+
+    def __iter__(self):
+        """(weight, prefix) pairs."""
+        return iter(zip(self.weights, self.prefixes))
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Packed samples of one split of one binary dataset.
 
@@ -88,8 +129,8 @@ class PackedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, prefix: str | os.PathLike, config: PackingConfig, *, split: str = "train",
-                 split_weights: str | Sequence[float] = "969,30,1", num_samples: int | None = None,
-                 pad_id: int = 0, cache_dir: str | os.PathLike | None = None, cache: bool = True):
+                 split_weights: DataSplit | str | Sequence[float] = "969,30,1", num_samples: int | None = None,
+                 pad_id: int = LLAMA_SPECIAL_TOKENS.pad, cache_dir: str | os.PathLike | None = None, cache: bool = True):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.reader = IndexedDataset(prefix)
@@ -259,18 +300,19 @@ class BlendedDataset(torch.utils.data.Dataset):
         return f"BlendedDataset({len(self)} samples: {parts})"
 
 
-def build_datasets(data_path: Sequence[str] | str, config: PackingConfig, *, split: str = "969,30,1",
-                   num_samples: Sequence[int | None] = (None, None, None), pad_id: int = 0,
+def build_datasets(blend: DataBlend, config: PackingConfig, *, split: DataSplit,
+                   num_samples: Sequence[int | None] = (None, None, None), pad_id: int = LLAMA_SPECIAL_TOKENS.pad,
                    cache_dir: str | os.PathLike | None = None) -> list[torch.utils.data.Dataset | None]:
-    """Train, valid and test datasets for Megatron-style ``--data-path`` and ``--split``.
+    """Train, valid and test datasets for Megatron-style ``--data-path`` and ``--split``, parsed
+    (`DataBlend.parse`, `DataSplit.parse`).
 
     Each prefix is split by documents; a blend mixes the same split of every prefix. A split is
     None when its ``--split`` share is zero or it is asked for zero samples; ``None`` samples
     means one epoch (a blend needs a number). Under torch.distributed, rank 0 builds the indices
     first and the other ranks then read them from the cache.
     """
-    prefixes, weights = parse_data_path(data_path)
-    shares = parse_split(split)
+    prefixes, weights = list(blend.prefixes), list(blend.weights)
+    shares = split.fractions
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and dist.get_rank() != 0:
@@ -294,11 +336,11 @@ def build_datasets(data_path: Sequence[str] | str, config: PackingConfig, *, spl
                 dataset_index, sample_index = build_blending_index(weights, n)
                 return {"dataset_index": dataset_index, "sample_index": sample_index}
 
-            blend = load_or_build(where, f"{os.path.basename(prefixes[0])}.{name}.blend", params, build)
-            counts = np.bincount(np.asarray(blend["dataset_index"]), minlength=len(prefixes))
+            index = load_or_build(where, f"{os.path.basename(prefixes[0])}.{name}.blend", params, build)
+            counts = np.bincount(np.asarray(index["dataset_index"]), minlength=len(prefixes))
             parts = [PackedDataset(p, config, split=name, split_weights=split, num_samples=max(int(c), 1),
                                    pad_id=pad_id, cache_dir=cache_dir) for p, c in zip(prefixes, counts)]
-            out.append(BlendedDataset(parts, blend["dataset_index"], blend["sample_index"]))
+            out.append(BlendedDataset(parts, index["dataset_index"], index["sample_index"]))
     if distributed and dist.get_rank() == 0:
         dist.barrier()
     return out

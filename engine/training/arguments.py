@@ -4,9 +4,10 @@
 
 A config file holds the same keys as the flags (``tensor-model-parallel-size`` or
 ``tensor_model_parallel_size``); flags given on the command line override it. `parse_args`
-returns an argparse namespace after `validate_args` has checked it and filled in the derived
-values (data-parallel size, number of micro-batches, bf16, data blend), so every rank fails
-at start, with the same clear message, on a bad configuration.
+checks the flags and returns the frozen `TrainingConfig` (engine/training/config.py) with the
+values they leave open resolved (global batch, training iterations, warmup and decay spans, bf16,
+model preset, data blend and split, each parsed once), so every rank fails at start, with the
+same clear message, on a bad configuration.
 
 Defaults reproduce the seed recipe (DAMO-NLP-SG/multimodal_textbook, scripts/run_training.sh):
 lr 2e-5, constant after a 3 % linear warmup, weight decay 0, Adam(0.9, 0.999), gradient
@@ -16,6 +17,7 @@ clipping at 1.0, bf16 where a GPU is present, vision tower frozen, at most 12 im
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -23,7 +25,11 @@ from pathlib import Path
 import yaml
 
 from engine.config import PRESETS, ModelConfig, get_preset
+from engine.data.dataset import DataBlend, DataSplit
 from engine.errors import ConfigError
+from engine.training.config import (CheckpointSettings, DataSettings, LoggingSettings, ModelSettings,
+                                    OptimizerSettings, ParallelSettings, PrecisionSettings, TrainingConfig,
+                                    TrainingSettings)
 
 
 # --------------------------------------------------------------------------- flags by concern
@@ -249,11 +255,11 @@ def _convert_one(action: argparse.Action, value, where: str, key: str):
     return value
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- flags -> config
 
 
-def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
-    """Flags (over an optional YAML config) → validated namespace. `world_size` defaults to
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> TrainingConfig:
+    """Flags (over an optional YAML config) → checked, frozen config. `world_size` defaults to
     torchrun's WORLD_SIZE."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
@@ -262,128 +268,146 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     args = parser.parse_args(argv)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_args(args, world_size)
-    return args
+    return build_config(args, world_size)
 
 
-def validate_args(args: argparse.Namespace, world_size: int, check_paths: bool = True) -> None:
-    """Check the configuration and fill in the derived values; raises ConfigError."""
+def build_config(args: argparse.Namespace, world_size: int, check_paths: bool = True) -> TrainingConfig:
+    """Check the parsed flags and resolve what they leave open; raises ConfigError."""
+    parallel = _parallel(args, world_size)
+    training = _training(args, parallel.data_parallel_size)
+    parallel = _sequence_parallel(parallel, args.seq_length)
+    precision = _precision(args)
+    model = _pick(ModelSettings, args, preset=args.model)
+    model_config = model_config_from_args(model)
+    _check_model_layout(model_config, model, parallel, args.seq_length)
+    optimizer = _optimizer(args, training.train_iters)
+    _check_intervals(args)
+    if args.max_num_images < 1 or (args.max_images_per_sample is not None and args.max_images_per_sample < 1):
+        raise ConfigError("--max-num-images and --max-images-per-sample must be >= 1")
+    if args.loader_timeout < 0:
+        raise ConfigError(f"--loader-timeout must be >= 0 seconds (0 waits forever), got {args.loader_timeout:g}")
+    data = _pick(DataSettings, args, data_path=tuple(args.data_path or ()),
+                 blend=_parse_data_path(args.data_path, check_paths), split=_parse_split(args.split))
+    checkpoint = _pick(CheckpointSettings, args)
+    if check_paths:
+        _check_checkpoint_paths(checkpoint)
+    return TrainingConfig(config_file=args.config, model=model, parallel=parallel, data=data, training=training,
+                          optimizer=optimizer, precision=precision, checkpoint=checkpoint,
+                          logging=_pick(LoggingSettings, args), model_config=model_config)
+
+
+def _pick(cls, args: argparse.Namespace, **resolved):
+    """`cls` from the flags of the same names, with `resolved` values in place of some."""
+    return cls(**{f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name)
+                  for f in dataclasses.fields(cls)})
+
+
+def _parallel(args: argparse.Namespace, world_size: int) -> ParallelSettings:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if world_size % (tp * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor-parallel {tp} x pipeline-parallel {pp}")
-    args.world_size = world_size
-    args.data_parallel_size = dp = world_size // (tp * pp)
+    return _pick(ParallelSettings, args, world_size=world_size)
 
+
+def _sequence_parallel(parallel: ParallelSettings, seq_length: int) -> ParallelSettings:
+    tp = parallel.tensor_model_parallel_size
+    if parallel.sequence_parallel and tp == 1:
+        return dataclasses.replace(parallel, sequence_parallel=False)  # nothing to shard over, as Megatron does
+    if parallel.sequence_parallel and seq_length % tp:
+        raise ConfigError(f"--sequence-parallel needs --seq-length {seq_length} divisible by TP {tp}")
+    return parallel
+
+
+def _training(args: argparse.Namespace, dp: int) -> TrainingSettings:
     if args.micro_batch_size < 1:
         raise ConfigError("--micro-batch-size must be >= 1")
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
     per_step = args.micro_batch_size * dp
-    if args.global_batch_size % per_step:
+    global_batch_size = per_step if args.global_batch_size is None else args.global_batch_size
+    if global_batch_size % per_step:
         raise ConfigError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {dp} (= {per_step}); choose a multiple of {per_step}")
-    args.num_microbatches = args.global_batch_size // per_step
-
     if (args.train_iters is None) == (args.train_samples is None):
         raise ConfigError("give exactly one of --train-iters and --train-samples")
+    train_iters = args.train_iters
     if args.train_samples is not None:
-        args.train_iters = math.ceil(args.train_samples / args.global_batch_size)
-    if args.train_iters < 1:
+        train_iters = math.ceil(args.train_samples / global_batch_size)
+    if train_iters < 1:
         raise ConfigError("--train-iters must be >= 1")
+    return _pick(TrainingSettings, args, global_batch_size=global_batch_size, train_iters=train_iters)
 
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False  # nothing to shard over, as Megatron does
-    if args.sequence_parallel and args.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by TP {tp}")
-    if args.bf16 is None:
+
+def _precision(args: argparse.Namespace) -> PrecisionSettings:
+    bf16 = args.bf16
+    if bf16 is None:
         import torch
 
-        args.bf16 = torch.cuda.is_available()
-    if args.cross_entropy_loss_fusion and not args.bf16:
+        bf16 = torch.cuda.is_available()
+    if args.cross_entropy_loss_fusion and not bf16:
         raise ConfigError("--cross-entropy-loss-fusion needs --bf16 (megatron-core's fused kernel "
                           "returns bf16 logit gradients)")
-
-    model_cfg = model_config_from_args(args)
-    _check_model_layout(model_cfg, args)
-    args.model_config = model_cfg
-
-    _check_optimizer(args)
-    _check_intervals(args)
-    if args.max_num_images < 1 or (args.max_images_per_sample is not None and args.max_images_per_sample < 1):
-        raise ConfigError("--max-num-images and --max-images-per-sample must be >= 1")
-    if args.loader_timeout < 0:
-        raise ConfigError(f"--loader-timeout must be >= 0 seconds (0 waits forever), got {args.loader_timeout:g}")
-    args.data_blend = _parse_data_path(args.data_path, check_paths)
-    args.split_fractions = _parse_split(args.split)
-    # --load may name a directory that does not exist yet only when the run saves there (the
-    # usual `--save D --load D` of a job that resumes itself); otherwise it is a typo.
-    if check_paths and args.load and not Path(args.load).is_dir() and \
-            (not args.save or Path(args.load).resolve() != Path(args.save).resolve()):
-        raise ConfigError(f"--load {args.load}: no such directory")
-    if check_paths and args.pretrained_checkpoint and not Path(args.pretrained_checkpoint).is_dir():
-        raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no such directory")
+    return PrecisionSettings(bf16=bf16)
 
 
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+def model_config_from_args(model: ModelSettings) -> ModelConfig:
+    """The --model preset with the override flags (--num-layers, --hidden-size, ...) applied."""
     overrides = {
-        k: getattr(args, k)
+        k: getattr(model, k)
         for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-        if getattr(args, k) is not None
+        if getattr(model, k) is not None
     }
     try:
-        return get_preset(args.model, **overrides)
+        return get_preset(model.preset, **overrides)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--model {args.model} with overrides {overrides}: {e}") from None
+        raise ConfigError(f"--model {model.preset} with overrides {overrides}: {e}") from None
 
 
-def _check_model_layout(cfg: ModelConfig, args: argparse.Namespace) -> None:
+def _check_model_layout(cfg: ModelConfig, model: ModelSettings, parallel: ParallelSettings,
+                        seq_length: int) -> None:
     from engine.model.llava import validate_layout
 
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     try:
-        validate_layout(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        args.sequence_parallel)
+        validate_layout(cfg, tp, pp, parallel.sequence_parallel)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.name} with --tensor-model-parallel-size "
-                          f"{args.tensor_model_parallel_size} --pipeline-model-parallel-size "
-                          f"{args.pipeline_model_parallel_size}: {e}") from None
+                          f"{tp} --pipeline-model-parallel-size {pp}: {e}") from None
     lang, vis = cfg.language, cfg.vision
-    if args.seq_length > lang.max_position_embeddings:
+    if seq_length > lang.max_position_embeddings:
         raise ConfigError(
-            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+            f"--seq-length {seq_length} exceeds the model's max_position_embeddings "
             f"{lang.max_position_embeddings} (preset {cfg.name})")
-    if args.seq_length < vis.tokens_per_image + 2:
+    if seq_length < vis.tokens_per_image + 2:
         raise ConfigError(
-            f"--seq-length {args.seq_length} cannot hold one image ({vis.tokens_per_image} positions) plus text")
-    if args.freeze_vision and args.freeze_projector and args.freeze_llm:
+            f"--seq-length {seq_length} cannot hold one image ({vis.tokens_per_image} positions) plus text")
+    if model.freeze_vision and model.freeze_projector and model.freeze_llm:
         raise ConfigError("everything is frozen (--freeze-vision, --freeze-projector, --freeze-llm): nothing to train")
-    if args.freeze_llm and args.pipeline_model_parallel_size > 1:
+    if model.freeze_llm and pp > 1:
         raise ConfigError("--freeze-llm trains only what lives on the first pipeline stage (projector, vision): "
                           "the other stages would have nothing to train; use --pipeline-model-parallel-size 1")
-    if args.recompute_granularity is not None:
+    if model.recompute_granularity is not None:
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("--recompute-granularity needs CUDA (mcore's recompute saves the CUDA RNG state)")
 
 
-def _check_optimizer(args: argparse.Namespace) -> None:
+def _optimizer(args: argparse.Namespace, train_iters: int) -> OptimizerSettings:
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ConfigError(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr}) and --lr > 0")
     if not 0.0 <= args.lr_warmup_fraction < 1.0:
         raise ConfigError(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
-    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
-    if args.lr_warmup_iters is None:
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
-    if args.lr_warmup_iters >= args.lr_decay_iters:
+    decay = args.lr_decay_iters or train_iters
+    warmup = int(args.lr_warmup_fraction * decay) if args.lr_warmup_iters is None else args.lr_warmup_iters
+    if warmup >= decay:
         raise ConfigError(
-            f"warmup ({args.lr_warmup_iters} iterations) must be shorter than the decay span "
-            f"({args.lr_decay_iters} iterations)")
+            f"warmup ({warmup} iterations) must be shorter than the decay span ({decay} iterations)")
     if args.clip_grad < 0 or args.weight_decay < 0:
         raise ConfigError("--clip-grad and --weight-decay must be >= 0")
+    return _pick(OptimizerSettings, args, lr_decay_iters=decay, lr_warmup_iters=warmup)
 
 
 def _check_intervals(args: argparse.Namespace) -> None:
@@ -395,33 +419,38 @@ def _check_intervals(args: argparse.Namespace) -> None:
         raise ConfigError("--eval-interval and --eval-iters must be >= 0 (0 turns evaluation off)")
 
 
-def _parse_data_path(items: list[str] | None, check_paths: bool) -> list[tuple[float, str]]:
-    """Megatron's `p` or `w1 p1 w2 p2 ...` → [(weight, prefix)], weights normalised."""
-    from engine.data.dataset import parse_data_path
-
+def _parse_data_path(items: list[str] | None, check_paths: bool) -> DataBlend:
+    """Megatron's `p` or `w1 p1 w2 p2 ...` → the blend, weights normalised."""
     if not items:
         raise ConfigError("--data-path is required: one dataset prefix (or weight/prefix pairs) made by "
                           "tools/preprocess_interleaved.py")
     try:
-        prefixes, weights = parse_data_path(items)
+        blend = DataBlend.parse(items)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for prefix in prefixes:
+    for prefix in blend.prefixes:
         if check_paths and not Path(prefix + ".idx").is_file():
             raise ConfigError(
                 f"--data-path {prefix}: {prefix}.idx not found (give the prefix written by "
                 f"tools/preprocess_interleaved.py --output-prefix)")
-    total = sum(weights)
-    return [(w / total, p) for w, p in zip(weights, prefixes)]
+    return blend
 
 
-def _parse_split(split: str) -> list[float]:
-    from engine.data.dataset import parse_split
-
+def _parse_split(split: str) -> DataSplit:
     try:
-        parts = parse_split(split)
+        parsed = DataSplit.parse(split)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if parts[0] <= 0:
+    if parsed.fractions[0] <= 0:
         raise ConfigError(f"--split {split!r}: the train share must be positive")
-    return parts
+    return parsed
+
+
+def _check_checkpoint_paths(checkpoint: CheckpointSettings) -> None:
+    load, save = checkpoint.load, checkpoint.save
+    # --load may name a directory that does not exist yet only when the run saves there (the
+    # usual `--save D --load D` of a job that resumes itself); otherwise it is a typo.
+    if load and not Path(load).is_dir() and (not save or Path(load).resolve() != Path(save).resolve()):
+        raise ConfigError(f"--load {load}: no such directory")
+    if checkpoint.pretrained_checkpoint and not Path(checkpoint.pretrained_checkpoint).is_dir():
+        raise ConfigError(f"--pretrained-checkpoint {checkpoint.pretrained_checkpoint}: no such directory")

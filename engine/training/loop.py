@@ -3,18 +3,25 @@ of a global batch, then the distributed optimizer's step and the LR schedule's.
 
 Loss averaging: the loss of a step is the mean per-token cross-entropy over *every supervised
 token of the global batch* (all micro-batches, all data-parallel ranks). `loss_func` returns
-(sum of masked token losses, number of supervised tokens); with `calculate_per_token_loss` mcore's
+(sum of masked token losses, number of supervised tokens); with `calculate_per_token_loss`
+(`PER_TOKEN_LOSS`, which the model is built with and `configure_model_config` checks) mcore's
 schedule leaves the sum unnormalised and `finalize_model_grads` divides the gradients by the
 global token count after the data-parallel reduction. Chosen over the per-micro-batch mean
 because packed samples carry very different numbers of supervised tokens (images and text before
 a document's first image carry none): every token then weighs the same, and the update does not
 depend on how the global batch is cut into micro-batches or spread over ranks (DP=2 ≡ DP=1 with
 twice the micro-batches).
+
+A step makes one collective decision: one all-reduce (MAX) of [any loss or gradient not finite,
+some rank wants to stop], read back with one host sync, before the optimizer step. So all ranks
+skip a non-finite step together, count the same run of non-finite steps (--max-skipped-steps),
+and stop after the same step (signals reach ranks at slightly different times).
+
+`Trainer.train` runs the phases of each iteration in order: step, log, evaluate, stop?, save.
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from engine.data.loader import to_device
 from engine.errors import DivergedError
 from engine.model.llava import pipeline_shape
+from engine.training.config import TrainingConfig
 from engine.training.metrics import MetricsLogger, Throughput, TimedIterator, mfu_peak, peak_memory_gib
 from engine.training.optim import current_lr
 
@@ -40,16 +48,29 @@ class TrainState:
     start_time: float = field(default_factory=time.time)
 
 
-# --------------------------------------------------------------------------- one micro-batch
+# --------------------------------------------------------------------------- the loss contract
+
+# `loss_func` returns the unnormalised sum of token losses and the token count: the model's
+# TransformerConfig must say so (mcore then normalises by the global token count).
+PER_TOKEN_LOSS = True
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """(masked loss sum, supervised tokens, values to report) as mcore's schedule expects."""
+    """(masked loss sum, supervised tokens, values to report) as mcore's schedule expects with
+    `calculate_per_token_loss` (`PER_TOKEN_LOSS`)."""
     mask = loss_mask.float()
     loss_sum = (per_token_loss.float() * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum().detach()])
     return loss_sum, num_tokens, {"lm loss": report}
+
+
+def check_loss_contract(config) -> None:
+    """The model's TransformerConfig must be built with `calculate_per_token_loss=PER_TOKEN_LOSS`."""
+    if getattr(config, "calculate_per_token_loss", None) is not PER_TOKEN_LOSS:
+        raise AssertionError(f"the model config has calculate_per_token_loss="
+                             f"{getattr(config, 'calculate_per_token_loss', None)}; loop.loss_func returns "
+                             f"per-token sums and needs {PER_TOKEN_LOSS}")
 
 
 def make_forward_step(device: torch.device) -> Callable:
@@ -76,33 +97,36 @@ def _global_mean(total: torch.Tensor) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-# --------------------------------------------------------------------------- steps
+# --------------------------------------------------------------------------- one step
 
 
-def configure_model_config(model, optimizer, args: argparse.Namespace) -> None:
+def configure_model_config(model, optimizer, cfg: TrainingConfig) -> None:
     """Hook the DDP wrapper and optimizer into the TransformerConfig the schedules read."""
     config = model.config
+    check_loss_contract(config)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    if args.overlap_grad_reduce:
+    if cfg.parallel.overlap_grad_reduce:
         # The schedule runs all but the last micro-batch under no_sync, so bucket reductions are
         # launched (overlapped with compute) only during the last backward.
         config.no_sync_func = model.no_sync
-    if args.overlap_param_gather and args.use_distributed_optimizer:
+    if cfg.parallel.overlap_param_gather_active:
         config.param_sync_func = model.start_param_sync
 
 
-def _shape(args) -> dict:
-    """The activation shape pipeline stages exchange: the model runs a micro-batch as one packed
-    [B*S, 1, hidden] sequence (engine/model/llava.py)."""
-    seq, mbs = pipeline_shape(args.micro_batch_size, args.seq_length)
-    return {"seq_length": seq, "micro_batch_size": mbs}
+def _forward_backward(forward_step, data_iterator, model, cfg: TrainingConfig, forward_only: bool) -> list:
+    """mcore's schedule over one global batch's micro-batches. The activations pipeline stages
+    exchange are [B*S, 1, hidden]: the model runs a micro-batch as one packed sequence."""
+    seq, mbs = pipeline_shape(cfg.training.micro_batch_size, cfg.data.seq_length)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=[model],
+        num_microbatches=cfg.num_microbatches, seq_length=seq, micro_batch_size=mbs,
+        forward_only=forward_only)
 
 
-def _all_finite(total: torch.Tensor, model, device: torch.device) -> bool:
-    """Are this step's loss (on every last-stage rank) and every gradient (on every rank) finite?
-    One sum per gradient buffer (a NaN or Inf anywhere makes it non-finite) and one all-reduce,
-    so that all ranks skip together."""
+def _local_nonfinite(total: torch.Tensor, model) -> torch.Tensor:
+    """Is this rank's loss (on a last-stage rank) or any of its gradients NaN/Inf? One sum per
+    gradient buffer: a NaN or Inf anywhere makes it non-finite."""
     bad = ~torch.isfinite(total[0].float())
     buffers = getattr(model, "buffers", None)  # mcore DDP: the contiguous gradient buffers
     if isinstance(buffers, list):
@@ -112,52 +136,60 @@ def _all_finite(total: torch.Tensor, model, device: torch.device) -> bool:
     for g in grads:
         if g is not None:
             bad |= ~torch.isfinite(g.sum().float()).to(bad.device)
-    flag = bad.to(device=device, dtype=torch.float32).reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return not bool(flag.item())
+    return bad
 
 
-def train_step(forward_step, data_iterator, model, optimizer, scheduler, args, device):
-    """One optimizer step. Returns ([masked loss sum, supervised tokens] over this rank's
-    micro-batches (zeros off the last pipeline stage), grad norm, whether the update was skipped,
-    whether the loss and gradients were finite). A non-finite step changes nothing: no update of
-    the weights, the optimizer state or the learning-rate schedule."""
+def _agree(total: torch.Tensor, model, wants_stop: bool, device: torch.device) -> tuple[bool, bool]:
+    """(loss and gradients finite on every rank, some rank wants to stop): one all-reduce, one
+    host sync."""
+    flags = torch.zeros(2, dtype=torch.float32, device=device)
+    flags[0] = _local_nonfinite(total, model).to(device)
+    flags[1] = float(wants_stop)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    nonfinite, stop = flags.tolist()
+    return not nonfinite, bool(stop)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step. `loss` is [masked loss sum, supervised tokens] over this rank's
+    micro-batches (zeros off the last pipeline stage)."""
+
+    loss: torch.Tensor
+    grad_norm: float | None  # None when the step was not finite
+    skipped: bool  # no update (non-finite, or the optimizer skipped it)
+    finite: bool  # the loss and every gradient, on every rank
+    stop: bool  # some rank asked to stop after this step
+
+
+def train_step(forward_step, data_iterator, model, optimizer, scheduler, cfg: TrainingConfig,
+               device: torch.device, wants_stop: Callable[[], bool] = lambda: False) -> StepResult:
+    """One optimizer step. `wants_stop()` is this rank's vote to stop, asked once the gradients
+    exist and agreed in the same all-reduce as the finite check. A non-finite step changes
+    nothing: no update of the weights, the optimizer state or the learning-rate schedule."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=data_iterator,
-        model=[model],
-        num_microbatches=args.num_microbatches,
-        **_shape(args),
-        forward_only=False,
-    )
+    losses = _forward_backward(forward_step, data_iterator, model, cfg, forward_only=False)
     total = _sum_reports(losses, device)
-    if not _all_finite(total, model, device):
-        return total, None, True, False
+    finite, stop = _agree(total, model, wants_stop(), device)
+    if not finite:
+        return StepResult(total, None, skipped=True, finite=False, stop=stop)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    return total, grad_norm, not updated, True
+    return StepResult(total, grad_norm, skipped=not updated, finite=True, stop=stop)
 
 
 @torch.no_grad()
-def evaluate(forward_step, make_valid_iterator: Callable[[], Iterator], model, args, device) -> float | None:
+def evaluate(forward_step, make_valid_iterator: Callable[[], Iterator], model, cfg: TrainingConfig,
+             device: torch.device) -> float | None:
     """Mean per-token loss over the first --eval-iters global batches of the validation split
     (the same batches every time, so evaluations are comparable and resume-exact)."""
     model.eval()
     iterator = make_valid_iterator()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for _ in range(args.eval_iters):
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterator,
-            model=[model],
-            num_microbatches=args.num_microbatches,
-            **_shape(args),
-            forward_only=True,
-        )
-        total += _sum_reports(losses, device)
+    for _ in range(cfg.training.eval_iters):
+        total += _sum_reports(_forward_backward(forward_step, iterator, model, cfg, forward_only=True), device)
     model.train()
     return _global_mean(total)
 
@@ -182,14 +214,16 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _agree_to_stop(local: bool, device: torch.device) -> bool:
-    """All ranks stop together if any wants to (signals reach ranks at slightly different times)."""
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-# --------------------------------------------------------------------------- the loop
+def stop_reason(cfg: TrainingConfig, iteration: int, start_time: float, stop: StopSignal) -> str | None:
+    """Why this rank wants to stop after `iteration`, if it does."""
+    t = cfg.training
+    if stop.received:
+        return f"received {stop.received}"
+    if t.exit_interval and iteration % t.exit_interval == 0:
+        return f"--exit-interval {t.exit_interval}"
+    if t.exit_duration_in_mins and (time.time() - start_time) / 60 > t.exit_duration_in_mins:
+        return f"--exit-duration-in-mins {t.exit_duration_in_mins}"
+    return None
 
 
 def is_logging_rank() -> bool:
@@ -197,106 +231,140 @@ def is_logging_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
-def train(*, args, model, optimizer, scheduler, train_iterator: Iterator, make_valid_iterator,
-          count_batch, state: TrainState, save_fn=None, poll_fn=None, logger: MetricsLogger | None,
-          device: torch.device, log=print) -> TrainState:
-    """Run from `state.iteration` to --train-iters (or an exit condition). Returns the final state.
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Runs from `state.iteration` to --train-iters (or an exit condition).
 
     count_batch(batch) -> (tokens, images, useful FLOPs) of one micro-batch, for throughput.
     save_fn(state) writes a checkpoint (None: no --save); poll_fn() runs after every step (it
     publishes finished background checkpoint writes).
     """
-    forward_step = make_forward_step(device)
-    peak = mfu_peak(args.peak_tflops)
-    log(peak.describe())
-    meter = Throughput(peak.flops)
-    timed = TimedIterator(train_iterator, meter, count_batch)
-    stop = StopSignal()
-    dp_group = parallel_state.get_data_parallel_group()
-    world = torch.distributed.get_world_size()
-    last_saved = state.iteration
-    interval_loss = torch.zeros(2, dtype=torch.float64, device=device)
-    skipped = 0
-    bad_streak = 0  # consecutive steps with a non-finite loss or gradients
-    model.train()
-    try:
-        while state.iteration < args.train_iters:
-            lr = current_lr(scheduler)  # the rate this step uses (the schedule moves after it)
-            total, grad_norm, was_skipped, finite = train_step(forward_step, timed, model, optimizer, scheduler,
-                                                               args, device)
-            state.iteration += 1
-            state.consumed_samples += args.global_batch_size
-            meter.steps += 1
-            interval_loss += total
-            skipped += int(was_skipped)
-            bad_streak = 0 if finite else bad_streak + 1
-            if not finite:
-                log(f"iteration {state.iteration}: the loss or the gradients are NaN/Inf (loss sum {total[0].item():.6g}); "
-                    f"update skipped ({bad_streak} in a row, --max-skipped-steps {args.max_skipped_steps})")
 
-            if state.iteration % args.log_interval == 0:
-                loss = _global_mean(interval_loss)
-                record = {
-                    "iteration": state.iteration,
-                    "consumed_samples": state.consumed_samples,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    **meter.summary(dp_group, world, device),
-                    "peak_mem_gib": _max_over_ranks(peak_memory_gib(device), device),
-                    "skipped": skipped,
-                }
-                if logger is not None:
-                    logger.log(record, "train")
-                interval_loss.zero_()
-                skipped = 0
-                meter.reset()
+    def __init__(self, *, cfg: TrainingConfig, model, optimizer, scheduler, train_iterator: Iterator,
+                 make_valid_iterator: Callable[[], Iterator] | None, count_batch, state: TrainState,
+                 save_fn=None, poll_fn=None, logger: MetricsLogger | None, device: torch.device, log=print):
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.make_valid_iterator, self.state, self.device, self.log = make_valid_iterator, state, device, log
+        self.save_fn, self.poll_fn, self.logger = save_fn, poll_fn, logger
+        self.forward_step = make_forward_step(device)
+        peak = mfu_peak(cfg.logging.peak_tflops)
+        log(peak.describe())
+        self.meter = Throughput(peak.flops)
+        self.batches = TimedIterator(train_iterator, self.meter, count_batch)
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.world = torch.distributed.get_world_size()
+        self.signal: StopSignal | None = None
+        self.last_saved = state.iteration
+        self.interval_loss = torch.zeros(2, dtype=torch.float64, device=device)  # since the last log line
+        self.interval_skipped = 0
+        self.bad_streak = 0  # consecutive steps with a non-finite loss or gradients
+        self.stop_vote: str | None = None  # why this rank voted to stop in the current step
 
-            if args.eval_interval and args.eval_iters and make_valid_iterator is not None \
-                    and state.iteration % args.eval_interval == 0:
-                eval_loss = evaluate(forward_step, make_valid_iterator, model, args, device)
-                if logger is not None:
-                    logger.log({"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                                "loss": eval_loss}, "valid")
-                meter.reset()  # evaluation time is not training throughput
+    def train(self) -> TrainState:
+        """Each iteration: step, log, evaluate, stop?, save. Returns the final state."""
+        self.signal = StopSignal()
+        self.model.train()
+        try:
+            while self.state.iteration < self.cfg.training.train_iters:
+                lr = current_lr(self.scheduler)  # the rate this step uses (the schedule moves after it)
+                result = self.step()
+                self.log_step(result, lr)
+                self.maybe_evaluate()
+                if self.poll_fn is not None:
+                    self.poll_fn()
+                diverged = self.divergence()
+                reason = diverged or self.agreed_stop(result)
+                self.maybe_save(force=reason is not None)
+                if reason is not None:
+                    self.log(f"stopping after iteration {self.state.iteration}: {reason}")
+                    if diverged:
+                        raise DivergedError(reason + (f"; saved as iteration {self.state.iteration} in "
+                                                      f"{self.cfg.checkpoint.save}" if self.save_fn is not None else ""))
+                    break
+            if self.save_fn is not None and self.last_saved != self.state.iteration:
+                self.save_fn(self.state)
+        finally:
+            self.signal.restore()
+        return self.state
 
-            if poll_fn is not None:
-                poll_fn()
-            diverged = bad_streak >= args.max_skipped_steps
-            reason = (f"{bad_streak} consecutive steps with a NaN/Inf loss or gradients (--max-skipped-steps "
-                      f"{args.max_skipped_steps}); the weights are those of iteration "
-                      f"{state.iteration - bad_streak}") if diverged else _stop_reason(args, state, stop)
-            if _agree_to_stop(reason is not None, device) and reason is None:
-                reason = "another rank is stopping"
-            if save_fn is not None and (reason is not None or (
-                    args.save_interval and state.iteration % args.save_interval == 0)):
-                save_fn(state)
-                last_saved = state.iteration
-                meter.reset()
-            if reason is not None:
-                log(f"stopping after iteration {state.iteration}: {reason}")
-                if diverged:
-                    raise DivergedError(reason + (f"; saved as iteration {state.iteration} in {args.save}"
-                                                  if save_fn is not None else ""))
-                break
-        if save_fn is not None and last_saved != state.iteration:
-            save_fn(state)
-    finally:
-        stop.restore()
-    return state
+    def step(self) -> StepResult:
+        result = train_step(self.forward_step, self.batches, self.model, self.optimizer, self.scheduler, self.cfg,
+                            self.device, wants_stop=self._vote_to_stop)
+        state = self.state
+        state.iteration += 1
+        state.consumed_samples += self.cfg.training.global_batch_size
+        self.meter.steps += 1
+        self.interval_loss += result.loss
+        self.interval_skipped += int(result.skipped)
+        self.bad_streak = 0 if result.finite else self.bad_streak + 1
+        if not result.finite:
+            self.log(f"iteration {state.iteration}: the loss or the gradients are NaN/Inf (loss sum "
+                     f"{result.loss[0].item():.6g}); update skipped ({self.bad_streak} in a row, "
+                     f"--max-skipped-steps {self.cfg.training.max_skipped_steps})")
+        return result
 
+    def _vote_to_stop(self) -> bool:
+        self.stop_vote = stop_reason(self.cfg, self.state.iteration + 1, self.state.start_time, self.signal)
+        return self.stop_vote is not None
 
-def _stop_reason(args, state: TrainState, stop: StopSignal) -> str | None:
-    if stop.received:
-        return f"received {stop.received}"
-    if args.exit_interval and state.iteration % args.exit_interval == 0:
-        return f"--exit-interval {args.exit_interval}"
-    if args.exit_duration_in_mins and (time.time() - state.start_time) / 60 > args.exit_duration_in_mins:
-        return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
-    return None
+    def log_step(self, result: StepResult, lr: float) -> None:
+        """Every --log-interval steps: one record of the steps since the last one."""
+        if self.state.iteration % self.cfg.logging.log_interval:
+            return
+        loss = _global_mean(self.interval_loss)
+        record = {
+            "iteration": self.state.iteration,
+            "consumed_samples": self.state.consumed_samples,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(result.grad_norm) if result.grad_norm is not None else None,
+            **self.meter.summary(self.dp_group, self.world, self.device),
+            "peak_mem_gib": _max_over_ranks(peak_memory_gib(self.device), self.device),
+            "skipped": self.interval_skipped,
+        }
+        if self.logger is not None:
+            self.logger.log(record, "train")
+        self.interval_loss.zero_()
+        self.interval_skipped = 0
+        self.meter.reset()
 
+    def maybe_evaluate(self) -> None:
+        t = self.cfg.training
+        if not (t.evaluates and self.make_valid_iterator is not None and self.state.iteration % t.eval_interval == 0):
+            return
+        eval_loss = evaluate(self.forward_step, self.make_valid_iterator, self.model, self.cfg, self.device)
+        if self.logger is not None:
+            self.logger.log({"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
+                             "loss": eval_loss}, "valid")
+        self.meter.reset()  # evaluation time is not training throughput
 
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
+    def divergence(self) -> str | None:
+        """Why the run diverged, after --max-skipped-steps non-finite steps in a row (the same on
+        every rank: the finite flag of each step is agreed)."""
+        limit = self.cfg.training.max_skipped_steps
+        if self.bad_streak < limit:
+            return None
+        return (f"{self.bad_streak} consecutive steps with a NaN/Inf loss or gradients (--max-skipped-steps "
+                f"{limit}); the weights are those of iteration {self.state.iteration - self.bad_streak}")
+
+    def agreed_stop(self, result: StepResult) -> str | None:
+        if not result.stop:
+            return None
+        return self.stop_vote or "another rank is stopping"
+
+    def maybe_save(self, force: bool) -> None:
+        """At a stop, and every --save-interval steps."""
+        interval = self.cfg.checkpoint.save_interval
+        if self.save_fn is None or not (force or (interval and self.state.iteration % interval == 0)):
+            return
+        self.save_fn(self.state)
+        self.last_saved = self.state.iteration
+        self.meter.reset()

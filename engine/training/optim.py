@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -22,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from engine import patches
 from engine.model.specs import KernelPlan
+from engine.training.config import TrainingConfig
 
 
 def _kernels(model) -> KernelPlan:
@@ -34,14 +33,15 @@ def _install_cpu_training(kernels: KernelPlan) -> None:
         patches.install_cpu_training(kernels.grad_norm)
 
 
-def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDataParallel:
+def wrap_ddp(model: torch.nn.Module, cfg: TrainingConfig) -> DistributedDataParallel:
     _install_cpu_training(_kernels(model))
+    par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,  # accumulate micro-batch gradients in fp32 even for bf16 weights
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather and args.use_distributed_optimizer,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        bucket_size=args.ddp_bucket_size,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather_active,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        bucket_size=par.ddp_bucket_size,
     )
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     # Every DP replica starts from DP rank 0's weights (they are equal when seeded alike; this
@@ -50,22 +50,23 @@ def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDat
     return ddp
 
 
-def build_optimizer(model_chunks: list, args: argparse.Namespace):
+def build_optimizer(model_chunks: list, cfg: TrainingConfig):
     kernels = _kernels(model_chunks[0])
     _install_cpu_training(kernels)
+    opt = cfg.optimizer
     config = OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_param_gather=args.overlap_param_gather and args.use_distributed_optimizer,
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=cfg.precision.bf16,
+        params_dtype=cfg.precision.params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather_active,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     if kernels.optimizer == "torch-fused":
@@ -91,18 +92,19 @@ def use_fused_adam(optimizer) -> None:
         torch_opt.defaults.update(foreach=False, fused=True)
 
 
-def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
+def build_scheduler(optimizer, cfg: TrainingConfig) -> OptimizerParamScheduler:
+    opt = cfg.optimizer
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.lr_warmup_iters,
+        lr_decay_steps=opt.lr_decay_iters,
+        lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=cfg.training.train_iters,
         wd_incr_style="constant",
     )
 

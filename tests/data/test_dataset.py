@@ -10,8 +10,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from engine.data.dataset import (BlendedDataset, PackedDataset, SampleError, build_datasets, parse_data_path,
-                                 parse_split, split_ranges)
+from engine.data.dataset import (BlendedDataset, DataBlend, DataSplit, PackedDataset, SampleError, build_datasets,
+                                 parse_data_path, parse_split, split_ranges)
 from engine.data.format import IndexedDatasetWriter
 from engine.data.images import encode_jpeg, normalize, preprocess
 from engine.data.packing import PackingConfig
@@ -280,12 +280,14 @@ def test_splits_follow_megatron_semantics():
 def test_split_datasets_partition_documents(corpus, tmp_path):
     prefix, streams = corpus
     config = PackingConfig(seq_length=2048, seed=2)
-    train, valid, test = build_datasets([prefix], config, split="80,15,5", cache_dir=tmp_path)
+    train, valid, test = build_datasets(DataBlend.parse([prefix]), config, split=DataSplit.parse("80,15,5"),
+                                        cache_dir=tmp_path)
     ranges = split_ranges(len(streams), "80,15,5")
     for ds, (lo, hi) in zip((train, valid, test), ranges):
         docs = set(ds.index.segments[:, 0].tolist())
         assert docs == set(range(lo, hi)) - {d for d in range(lo, hi) if len(streams[d]) == 0}
-    assert build_datasets([prefix], config, split="1,0,0", cache_dir=tmp_path)[1:] == [None, None]
+    assert build_datasets(DataBlend.parse([prefix]), config, split=DataSplit.parse("1,0,0"),
+                          cache_dir=tmp_path)[1:] == [None, None]
     with pytest.raises(ValueError, match="valid split .* has no documents"):
         PackedDataset(prefix, config, split="valid", split_weights="1000,1,0")
 
@@ -300,8 +302,8 @@ def test_multi_epoch_and_blend(tmp_path, tokenizer):
     more = PackedDataset(tmp_path / "b", config, split_weights="1,0,0", num_samples=3 * epoch + 1,
                          cache_dir=tmp_path / "cache")
     assert len(more) == 3 * epoch + 1 and more.index.num_epochs == 4
-    (blend,) = [d for d in build_datasets(["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")], config,
-                                          split="1,0,0", num_samples=(40, 0, 0), cache_dir=tmp_path / "cache") if d]
+    (blend,) = [d for d in build_datasets(DataBlend.parse(["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")]),
+                                          config, split=DataSplit.parse("1,0,0"), num_samples=(40, 0, 0), cache_dir=tmp_path / "cache") if d]
     assert isinstance(blend, BlendedDataset) and len(blend) == 40
     counts = np.bincount(blend.dataset_index, minlength=2)
     assert counts.tolist() == [28, 12]

@@ -3,9 +3,13 @@ group or model exists, with a message that names the flag (or file:line) and the
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
+from engine.data.dataset import DataBlend, DataSplit
 from engine.training.arguments import ConfigError, parse_args
 from engine.training.pretrain import check_data, main
 
@@ -16,19 +20,71 @@ def _args(data: str, *extra, world_size: int = 1):
 
 
 def test_defaults_reproduce_the_seed_recipe(tiny_dataset):
-    args = parse_args(["--data-path", tiny_dataset, "--train-iters", "1000"], world_size=8)
-    assert args.model == "llava-1.5-7b" and args.model_config.name == "llava-1.5-7b"
-    assert args.lr == 2e-5 and args.min_lr == 0.0
-    assert args.lr_decay_style == "constant"
-    assert args.lr_warmup_iters == 30  # 3 % of 1000
-    assert args.weight_decay == 0.0
-    assert (args.adam_beta1, args.adam_beta2, args.clip_grad) == (0.9, 0.999, 1.0)
-    assert args.bf16 == torch.cuda.is_available()
-    assert args.freeze_vision and not args.freeze_projector and not args.freeze_llm
-    assert args.max_num_images == 12
-    assert args.use_distributed_optimizer and args.overlap_grad_reduce
-    assert args.gradient_accumulation_fusion and not args.cross_entropy_loss_fusion
-    assert (args.data_parallel_size, args.global_batch_size, args.num_microbatches) == (8, 8, 1)
+    cfg = parse_args(["--data-path", tiny_dataset, "--train-iters", "1000"], world_size=8)
+    opt = cfg.optimizer
+    assert cfg.model.preset == "llava-1.5-7b" and cfg.model_config.name == "llava-1.5-7b"
+    assert opt.lr == 2e-5 and opt.min_lr == 0.0
+    assert opt.lr_decay_style == "constant"
+    assert (opt.lr_warmup_iters, opt.lr_decay_iters) == (30, 1000)  # 3 % of the training iterations
+    assert opt.weight_decay == 0.0
+    assert (opt.adam_beta1, opt.adam_beta2, opt.clip_grad) == (0.9, 0.999, 1.0)
+    assert cfg.precision.bf16 == torch.cuda.is_available()
+    assert cfg.model.freeze_vision and not cfg.model.freeze_projector and not cfg.model.freeze_llm
+    assert cfg.data.max_num_images == 12
+    assert cfg.parallel.use_distributed_optimizer and cfg.parallel.overlap_grad_reduce
+    assert cfg.training.gradient_accumulation_fusion and not cfg.training.cross_entropy_loss_fusion
+    assert (cfg.parallel.data_parallel_size, cfg.training.global_batch_size, cfg.num_microbatches) == (8, 8, 1)
+    assert cfg.data.blend == DataBlend((tiny_dataset,), (1.0,))
+    assert cfg.data.split == DataSplit("969,30,1", (0.969, 0.03, 0.001))
+
+
+def test_the_config_is_frozen(tiny_dataset):
+    cfg = _args(tiny_dataset)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.train_iters = 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model_config = None
+
+
+def test_blend_and_split_are_parsed_once_into_types(tiny_dataset, tmp_path):
+    other = tmp_path / "other"
+    for suffix in (".idx", ".tokens.bin", ".images.bin"):
+        (tmp_path / f"other{suffix}").write_bytes(b"")
+    cfg = parse_args(["--model", "tiny", "--data-path", "3", tiny_dataset, "1", str(other), "--seq-length", "1536",
+                      "--train-iters", "100", "--split", "98/2"], world_size=1)
+    assert cfg.data.blend.prefixes == (tiny_dataset, str(other))
+    assert cfg.data.blend.weights == (0.75, 0.25)
+    assert list(cfg.data.blend) == [(0.75, tiny_dataset), (0.25, str(other))]
+    assert cfg.data.split.fractions == (0.98, 0.02, 0.0) and str(cfg.data.split) == "98/2"
+    with pytest.raises(ConfigError, match=r"--split '0,1,0': the train share must be positive"):
+        _args(tiny_dataset, "--split", "0,1,0")
+
+
+def test_derived_values(tiny_dataset):
+    cfg = parse_args(["--model", "tiny", "--data-path", tiny_dataset, "--seq-length", "1536", "--train-samples", "10",
+                      "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-warmup-fraction", "0.5",
+                      "--sequence-parallel", "--eval-iters", "3"], world_size=2)
+    assert cfg.training.train_iters == 3 and cfg.num_microbatches == 1
+    assert (cfg.optimizer.lr_warmup_iters, cfg.optimizer.lr_decay_iters) == (1, 3)
+    assert cfg.parallel.sequence_parallel is False  # TP 1: nothing to shard over
+    assert cfg.num_samples() == (12, 12, 0)  # 3 steps of 4; 3 validation batches of 4
+    assert cfg.data.pad_id == 0  # <unk>: LLaMA defines no pad piece
+
+
+def test_to_dict_records_every_flag_and_the_derived_values(tiny_dataset):
+    from engine.training.arguments import build_parser
+
+    cfg = _args(tiny_dataset, "--micro-batch-size", 2, "--global-batch-size", 8, world_size=2)
+    d = cfg.to_dict()
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    derived = {"world_size", "data_parallel_size", "num_microbatches", "model_config", "data_blend",
+               "split_fractions"}
+    assert set(d) == flags | derived
+    assert json.loads(json.dumps(d)) == json.loads(json.dumps(d, default=str))  # JSON-able as it is
+    assert (d["model"], d["global_batch_size"], d["num_microbatches"], d["world_size"]) == ("tiny", 8, 2, 2)
+    assert d["data_path"] == [tiny_dataset] and d["data_blend"] == [(1.0, tiny_dataset)]
+    assert d["split"] == "80,20,0" and d["split_fractions"] == [0.8, 0.2, 0.0]
+    assert d["model_config"]["language"]["num_layers"] == 4 and d["lr_decay_iters"] == 100
 
 
 def test_yaml_config_and_flags_that_override_it(tiny_dataset, tmp_path):
@@ -44,10 +100,11 @@ def test_yaml_config_and_flags_that_override_it(tiny_dataset, tmp_path):
         f"data-path: [{tiny_dataset}]\n"
         "train-iters: 10\n")
     args = parse_args(["--config", str(cfg), "--lr", "3e-4"], world_size=2)
-    assert args.model_config.name == "tiny" and args.seq_length == 1536
-    assert args.lr == 3e-4  # the flag wins
-    assert args.freeze_vision is False and args.overlap_grad_reduce is False
-    assert (args.data_parallel_size, args.num_microbatches) == (2, 2)  # 8 = 2 x 2 DP x 2 steps
+    assert args.model_config.name == "tiny" and args.data.seq_length == 1536
+    assert args.optimizer.lr == 3e-4  # the flag wins
+    assert args.model.freeze_vision is False and args.parallel.overlap_grad_reduce is False
+    assert (args.parallel.data_parallel_size, args.num_microbatches) == (2, 2)  # 8 = 2 x 2 DP x 2 steps
+    assert args.config_file == str(cfg)
 
 
 def test_yaml_unknown_key_names_file_and_line(tiny_dataset, tmp_path):
@@ -86,7 +143,7 @@ def test_layout_and_length_checks(tiny_dataset, tmp_path):
         _args(tiny_dataset, "--train-samples", 10)
     args = parse_args(["--model", "tiny", "--data-path", tiny_dataset, "--seq-length", "1536", "--train-samples",
                        "10", "--global-batch-size", "4", "--split", "80,20,0"], world_size=1)
-    assert args.train_iters == 3  # whole steps: 10 samples need 3 steps of 4
+    assert args.training.train_iters == 3  # whole steps: 10 samples need 3 steps of 4
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 4096"):
         parse_args(["--data-path", tiny_dataset, "--seq-length", "8192", "--train-iters", "1"])
     with pytest.raises(ConfigError, match="--freeze-llm trains only what lives on the first pipeline stage"):
