@@ -256,7 +256,8 @@ class Trainer:
         self.save_fn, self.poll_fn, self.logger = save_fn, poll_fn, logger
         self.forward_step = make_forward_step(device)
         peak = mfu_peak(cfg.logging.peak_tflops)
-        log(peak.describe())
+        if device.type == "cuda":  # on a CPU there is no MFU to speak of
+            log(peak.describe())
         self.meter = Throughput(peak.flops)
         self.batches = TimedIterator(train_iterator, self.meter, count_batch)
         self.dp_group = parallel_state.get_data_parallel_group()
