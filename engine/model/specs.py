@@ -64,8 +64,8 @@ class Fp8Plan:
 
     format: str = "hybrid"
     recipe: str = "delayed"
-    amax_history_len: int = 1024
-    amax_compute_algo: str = "max"
+    amax_history_len: int = 1
+    amax_compute_algo: str = "most_recent"
     bf16_layers_at_start: int = 0
     bf16_layers_at_end: int = 0
     vision: bool = False
@@ -203,15 +203,15 @@ def _attention_backend(requested: str, info: PlatformInfo, half_precision: bool)
             return "flash_attn" if has_flash_attn else "varlen"
         return "sdpa"
     if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose from auto, {', '.join(BACKENDS)}")
+        raise ValueError(f"--attention-backend: unknown backend {requested!r}; choose from auto, {', '.join(BACKENDS)}")
     if requested == "te" and not has_te:
-        raise ValueError("attention backend 'te' needs transformer_engine (pip install .[te])")
+        raise ValueError("--attention-backend te needs transformer_engine (pip install .[te])")
     if requested in ("varlen", "flash_attn") and device != "cuda":
-        raise ValueError(f"attention backend {requested!r} needs CUDA; use 'sdpa' on CPU")
+        raise ValueError(f"--attention-backend {requested} needs CUDA; use 'sdpa' on CPU")
     if requested == "flash_attn" and not has_flash_attn:
-        raise ValueError("attention backend 'flash_attn' needs the flash-attn package")
+        raise ValueError("--attention-backend flash_attn needs the flash-attn package")
     if requested in ("varlen", "flash_attn") and not half_precision:
-        raise ValueError(f"attention backend {requested!r} runs in bf16/fp16 only; train with --bf16 or use 'sdpa'")
+        raise ValueError(f"--attention-backend {requested} runs in bf16/fp16 only; train with --bf16 or use 'sdpa'")
     return requested
 
 

@@ -148,6 +148,20 @@ def _precision_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations with fp32 main weights; default: on with CUDA, "
                         "off (fp32) on CPU")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 GEMMs through Transformer Engine: e4m3 everywhere, or hybrid (e4m3 forward, "
+                        "e5m2 gradients); needs --bf16, TE and a GPU with FP8 tensor cores")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise"], default="delayed",
+                   help="scaling: delayed (amax history), tensorwise (TE's current scaling) or blockwise")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1, help="the delayed recipe's amax history")
+    g.add_argument("--fp8-amax-compute-algo", choices=["most_recent", "max"], default="most_recent",
+                   help="how the delayed recipe reduces its amax history")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="keep the first and last language layers in bf16 (tensorwise/blockwise recipes)")
+    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1)
+    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
+    g.add_argument("--fp8-vision", action="store_true",
+                   help="run the frozen vision tower's forward in FP8 too (default: bf16)")
 
 
 def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
@@ -349,7 +363,12 @@ def _precision(args: argparse.Namespace) -> PrecisionSettings:
     if args.cross_entropy_loss_fusion and not bf16:
         raise ConfigError("--cross-entropy-loss-fusion needs --bf16 (megatron-core's fused kernel "
                           "returns bf16 logit gradients)")
-    return PrecisionSettings(bf16=bf16)
+    precision = _pick(PrecisionSettings, args, bf16=bf16)
+    try:
+        _ = precision.fp8_plan  # checks the FP8 settings
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return precision
 
 
 def model_config_from_args(model: ModelSettings) -> ModelConfig:

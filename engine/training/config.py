@@ -120,10 +120,31 @@ class OptimizerSettings:
 @dataclass(frozen=True)
 class PrecisionSettings:
     bf16: bool  # default: on with CUDA, off on CPU
+    fp8_format: str | None  # None: no FP8
+    fp8_recipe: str
+    fp8_amax_history_len: int
+    fp8_amax_compute_algo: str
+    first_last_layers_bf16: bool
+    num_layers_at_start_in_bf16: int
+    num_layers_at_end_in_bf16: int
+    fp8_vision: bool
 
     @property
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
+    def fp8_plan(self):
+        """The FP8 part of the kernel plan (engine.model.specs.Fp8Plan), None without --fp8-format."""
+        from engine.model.specs import Fp8Plan
+
+        if self.fp8_format is None:
+            return None
+        bf16_layers = (self.num_layers_at_start_in_bf16, self.num_layers_at_end_in_bf16) \
+            if self.first_last_layers_bf16 else (0, 0)
+        return Fp8Plan(format=self.fp8_format, recipe=self.fp8_recipe, amax_history_len=self.fp8_amax_history_len,
+                       amax_compute_algo=self.fp8_amax_compute_algo, bf16_layers_at_start=bf16_layers[0],
+                       bf16_layers_at_end=bf16_layers[1], vision=self.fp8_vision)
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,10 @@ def kernel_plan(cfg: TrainingConfig):
     try:
         return plan_kernels(attention_backend=cfg.model.attention_backend, half_precision=cfg.precision.bf16,
                             gradient_accumulation_fusion=cfg.training.gradient_accumulation_fusion,
-                            cross_entropy_loss_fusion=cfg.training.cross_entropy_loss_fusion)
-    except ValueError as e:
-        raise ConfigError(f"--attention-backend {cfg.model.attention_backend}: {e}") from None
+                            cross_entropy_loss_fusion=cfg.training.cross_entropy_loss_fusion,
+                            fp8=cfg.precision.fp8_plan)
+    except ValueError as e:  # a kernel this machine cannot run; the message names the flag
+        raise ConfigError(str(e)) from None
 
 
 def build_model_and_optimizer(cfg: TrainingConfig):

@@ -32,7 +32,7 @@ def test_attention_choice_follows_platform_and_precision():
         ("varlen", _gpu(), False, "bf16/fp16"),
         ("flash_attn", _gpu(), True, "flash-attn"),
         ("te", _gpu(), True, "transformer_engine"),
-        ("xformers", _gpu(), True, "unknown attention backend"),
+        ("xformers", _gpu(), True, "unknown backend"),
     ]:
         with pytest.raises(ValueError, match=match):
             pick(platform, half, requested)
@@ -131,6 +131,6 @@ def test_fp8_settings_are_checked_and_mapped_to_megatron_fields():
             Fp8Plan(**kwargs)
     fp8 = Fp8Plan(format="e4m3", recipe="blockwise", bf16_layers_at_start=2, bf16_layers_at_end=1)
     assert fp8.transformer_config(language=True) == dict(
-        fp8="e4m3", fp8_recipe="blockwise", fp8_amax_history_len=1024, fp8_amax_compute_algo="max",
+        fp8="e4m3", fp8_recipe="blockwise", fp8_amax_history_len=1, fp8_amax_compute_algo="most_recent",
         first_last_layers_bf16=True, num_layers_at_start_in_bf16=2, num_layers_at_end_in_bf16=1)
     assert "first_last_layers_bf16" not in fp8.transformer_config(language=False)

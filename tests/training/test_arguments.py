@@ -174,3 +174,22 @@ def test_split_that_leaves_a_split_empty(tiny_dataset):
     with pytest.raises(ConfigError, match=r"has 16 documents: --split 99,1,0 leaves 16 for training and 0 for validation"):
         check_data(_args(tiny_dataset, "--split", "99,1,0", "--eval-interval", 10))
     check_data(_args(tiny_dataset, "--split", "99,1,0", "--eval-interval", 0))  # no evaluation: fine
+
+
+def test_fp8_flags_become_the_plans_fp8_settings(tiny_dataset):
+    cfg = _args(tiny_dataset, "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--first-last-layers-bf16",
+                "--num-layers-at-end-in-bf16", "2", "--fp8-vision")
+    fp8 = cfg.precision.fp8_plan
+    assert (fp8.format, fp8.recipe, fp8.bf16_layers_at_start, fp8.bf16_layers_at_end, fp8.vision) == \
+        ("hybrid", "tensorwise", 1, 2, True)
+    assert _args(tiny_dataset).precision.fp8_plan is None
+    with pytest.raises(ConfigError, match="--first-last-layers-bf16 needs --fp8-recipe tensorwise"):
+        _args(tiny_dataset, "--fp8-format", "e4m3", "--first-last-layers-bf16")
+
+
+def test_fp8_on_a_machine_without_it_stops_at_start_with_the_reason(tiny_dataset, capsys):
+    status = main(["--model", "tiny", "--data-path", tiny_dataset, "--seq-length", "1536", "--train-iters", "1",
+                   "--split", "1,0,0", "--bf16", "--fp8-format", "hybrid"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0] == "llava-pretrain: error: --fp8-format needs FP8 tensor cores and Transformer Engine: no GPU"
