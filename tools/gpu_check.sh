@@ -5,8 +5,10 @@
 #
 # Where packages are missing (no internet), put wheels in .whl/ (megatron-core,
 # optionally nvidia-cudnn-frontend) and set LLAVA_TOKENIZER_MODEL to a tokenizer.model copy.
-# Set GPU_CHECK_STAGES to a subset of "tests kernels bench4096 ablate4096 bench8192 maxlayers attention"
-# to run less. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (layer counts to
+# Set GPU_CHECK_STAGES to a subset of "te tests kernels bench4096 ablate4096 bench8192 maxlayers
+# attention fp8bench converge fp8resume" to run less. "te" installs Transformer Engine from carried
+# parts first (TE_SMALL: the folder with its install.sh; the core wheel's parts already in
+# /tmp/tec), so the stages after it run with TE: tests/gpu then checks both layer specs. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (layer counts to
 # try under an 80 GB cap, "15 14"), BENCH_ABLATE (flags to change one at a time),
 # BENCH_PROFILE=1 (profile one 4096 step).
 set -uo pipefail
@@ -24,9 +26,53 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 setup.py -q build_ext --inplace 2>&1 | tail -2 || exit 1
 status=0
+bench() {  # the 8-layer bench preset at 8192 x 1, one row, with extra trainer flags "$2" ($1 names it)
+    python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
+        --seq-length 8192 --micro-batch-size 1 --global-batch-size 4 --steps "$STEPS" --train-args="$2" \
+        --json-out "$OUT_DIR/fp8_$1.jsonl" 2>&1 | grep "^{" | tail -1
+}
+train_curve() {  # $1 name, then trainer flags: 300 steps of the 8-layer preset on the Textbook-shaped corpus
+    local name=$1; shift
+    python3 -m engine.pretrain --model llava-7b-bench --num-layers "$L" --data-path "$OUT_DIR/tb/data" \
+        --seq-length 4096 --micro-batch-size 1 --global-batch-size 4 --split 1,0,0 --eval-interval 0 \
+        --lr 2e-4 --min-lr 2e-5 --lr-decay-style cosine --lr-warmup-iters 30 --seed 7 --num-workers 4 \
+        --log-interval 10 --log-jsonl "$OUT_DIR/converge_$name.jsonl" --bf16 "$@" > "$OUT_DIR/converge_$name.log" 2>&1
+    echo "$name: exit $?, $(grep '^train' "$OUT_DIR/converge_$name.log" | tail -1 | cut -c1-120)"
+}
 for stage in $STAGES; do
     echo "=== $stage"
     case $stage in
+    te)
+        source "${TE_SMALL:-.te/small}/install.sh" || exit 1 ;;
+    fp8bench)  # bf16 (torch-native, TE) against FP8 (delayed, tensorwise, + vision), same data, same session
+        bench bf16_local "--attention-backend=varlen"
+        bench bf16_te "--attention-backend=te"
+        bench fp8_delayed "--attention-backend=te --fp8-format=hybrid --fp8-recipe=delayed --fp8-amax-history-len=1024 --fp8-amax-compute-algo=max"
+        bench fp8_tensorwise "--attention-backend=te --fp8-format=hybrid --fp8-recipe=tensorwise"
+        bench fp8_tensorwise_vision "--attention-backend=te --fp8-format=hybrid --fp8-recipe=tensorwise --fp8-vision" ;;
+    converge)  # Textbook-shaped corpus, then bf16 against FP8 (both recipes), same data order and seed
+        python3 tools/make_textbook_corpus.py --output "$OUT_DIR/tb/raw" --documents ${CONVERGE_DOCS:-800} --workers 16 | tail -1
+        python3 tools/preprocess_interleaved.py --input "$OUT_DIR/tb/raw/corpus.jsonl" --image-root "$OUT_DIR/tb/raw" \
+            --output-prefix "$OUT_DIR/tb/data" --tokenizer-model "$LLAVA_TOKENIZER_MODEL" --workers 16 --no-progress | tail -1
+        ITERS=${CONVERGE_ITERS:-300}
+        train_curve bf16 --attention-backend te --train-iters "$ITERS"
+        train_curve fp8_delayed --attention-backend te --train-iters "$ITERS" --fp8-format hybrid --fp8-recipe delayed \
+            --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
+        train_curve fp8_tensorwise --attention-backend te --train-iters "$ITERS" --fp8-format hybrid --fp8-recipe tensorwise ;;
+    fp8resume)  # an FP8 run resumed from its checkpoint continues with the same losses
+        F="--attention-backend te --fp8-format hybrid --fp8-recipe delayed --fp8-amax-history-len 16 --log-interval 1"
+        train_curve resume_full $F --train-iters 20
+        train_curve resume_a $F --train-iters 10 --save "$OUT_DIR/fp8ck" --save-interval 10
+        train_curve resume_b $F --train-iters 20 --save "$OUT_DIR/fp8ck" --load "$OUT_DIR/fp8ck"
+        python3 - "$OUT_DIR" <<'PYEOF'
+import json, sys
+rows = lambda n: {r["iteration"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/converge_{n}.jsonl")) if r["kind"] == "train"}
+full, resumed = rows("resume_full"), {**rows("resume_a"), **rows("resume_b")}
+same = [full[i] == resumed.get(i) for i in sorted(full)]
+print(f"fp8 resume: {sum(same)}/{len(same)} iterations with identical losses; "
+      f"iteration 20: {full.get(20)} uninterrupted, {resumed.get(20)} resumed")
+PYEOF
+        ;;
     tests)
         python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25
         [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
