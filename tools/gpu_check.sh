@@ -10,12 +10,12 @@
 # parts first (TE_SMALL: the folder with its install.sh; the core wheel's parts already in
 # /tmp/tec), so the stages after it run with TE: tests/gpu then checks both layer specs. BENCH_LAYERS (8), BENCH_MBS (2), BENCH_STEPS (6), BENCH_MAX_LAYERS (layer counts to
 # try under an 80 GB cap, "15 14"), BENCH_ABLATE (flags to change one at a time),
-# BENCH_PROFILE=1 (profile one 4096 step).
+# BENCH_PROFILE=1 (profile one 4096 step), BENCH_BASELINE (hf; empty: none), BENCH_ATTENTION (auto).
 set -uo pipefail
 DATA=${1:?usage: tools/gpu_check.sh DATA_PREFIX [OUT_DIR]}
 OUT_DIR=${2:-out/gpu_check}
 STAGES=${GPU_CHECK_STAGES:-tests bench4096 bench8192}
-L=${BENCH_LAYERS:-8} MBS=${BENCH_MBS:-2} STEPS=${BENCH_STEPS:-6}
+L=${BENCH_LAYERS:-8} MBS=${BENCH_MBS:-2} STEPS=${BENCH_STEPS:-6} BASELINE=${BENCH_BASELINE-hf}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -82,7 +82,8 @@ PYEOF
         python3 tools/bench_kernels.py --json-out "$OUT_DIR/kernels.jsonl" 2>&1 | tail -8 ;;
     bench4096)
         python3 tools/benchmark.py --preset llava-7b-bench --num-layers "$L" --data-prefix "$DATA" \
-            --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" --baseline hf \
+            --seq-length 4096 --micro-batch-size "$MBS" --global-batch-size 8 --steps "$STEPS" \
+            ${BASELINE:+--baseline "$BASELINE"} --attention-backend "${BENCH_ATTENTION:-auto}" \
             --matmul-ceiling ${BENCH_PROFILE:+--profile "$OUT_DIR/profile4096"} \
             --json-out "$OUT_DIR/bench_4096.jsonl" 2>&1 | grep -v -i warn | grep -v "^ " | tail -12 ;;
     ablate4096)  # the same engine run with one setting changed at a time (BENCH_ABLATE: flags, ';'-separated)
