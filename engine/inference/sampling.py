@@ -21,8 +21,9 @@ def banned_ids(cfg) -> list[int]:
 
 
 def request_generator(seed: int, request_id: str, device) -> torch.Generator:
-    mixed = (int(seed) << 32) ^ zlib.crc32(str(request_id).encode())
-    return torch.Generator(device=device).manual_seed(mixed & (2**63 - 1))
+    # The CPU generator keeps only the low 32 bits of a seed: mix the seed into those.
+    low = zlib.crc32(f"{seed}\0{request_id}".encode())
+    return torch.Generator(device=device).manual_seed(((int(seed) & 0x7FFFFFFF) << 32) | low)
 
 
 def _truncate(logits: Tensor, top_k: int, top_p: float) -> Tensor:
