@@ -25,7 +25,7 @@ from engine.inference.sampling import banned_ids
 from engine.inference.scheduler import advance, new_sequences, run_batched
 
 
-def _init_process_group(tp: int | None) -> tuple[int, bool]:
+def init_process_group(tp: int | None) -> tuple[int, bool]:
     """(tp, whether this call created the process group)."""
     from engine.platform import init_distributed
 
@@ -43,19 +43,27 @@ def _init_process_group(tp: int | None) -> tuple[int, bool]:
     return tp, created
 
 
-def load_model(path: str | Path, dtype: torch.dtype, cfg):
-    """This rank's TP shard of the whole model (PP=1), weights from the checkpoint."""
+def build_inference_model(cfg, dtype: torch.dtype, *, initialize: bool = False):
+    """This rank's TP shard of the whole model (PP=1) with the torch-native attention, in eval
+    mode; random weights only when `initialize` (a checkpoint overwrites them anyway)."""
     from engine.model.attention import select_attention_backend
     from engine.model.llava import build_model
     from engine.platform import setup_platform
-    from engine.training.checkpoint import load_pretrained
 
     info = setup_platform()
     half = dtype in (torch.bfloat16, torch.float16)
     backend = select_attention_backend("auto", device=info.device, half_precision=half, has_te=False,
                                        has_flash_attn=info.has_flash_attn)
-    model = build_model(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, attention_backend=backend,
-                        perform_initialization=False).eval()
+    overrides = {} if initialize else {"perform_initialization": False}
+    return build_model(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16, attention_backend=backend,
+                       **overrides).eval()
+
+
+def load_model(path: str | Path, dtype: torch.dtype, cfg):
+    """This rank's TP shard of the whole model (PP=1), weights from the checkpoint."""
+    from engine.training.checkpoint import load_pretrained
+
+    model = build_inference_model(cfg, dtype)
     load_pretrained(path, model, None, cfg, log=lambda *_: None)
     return model
 
@@ -90,7 +98,7 @@ class EngineGenerator:
             spm = tokenizer or find_tokenizer(path)
             tokenizer = build_tokenizer("hf" if Path(spm).is_dir() else "sentencepiece", spm)
         dtype = dtype or (torch.bfloat16 if setup_platform().device == "cuda" else torch.float32)
-        _, created = _init_process_group(tp)
+        _, created = init_process_group(tp)
         model = load_model(path, dtype, cfg)
         return cls(model, cfg, tokenizer, batch_size=batch_size, prefill_tokens=prefill_tokens,
                    owns_process_group=created)
