@@ -20,6 +20,15 @@ import torch
 from torch import Tensor
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """A host tensor onto `device` without making the host wait: CUDA copies come from pinned
+    memory (a copy from pageable memory would block until the GPU's queue drains)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class KVCache:
     def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
@@ -46,14 +55,11 @@ class KVCache:
         mask = None
         if min(positions) != max(positions):
             valid = torch.arange(read_len)[None, :] <= torch.tensor(positions)[:, None]
-            mask = valid[:, None, None, :].to(self.k.device, non_blocking=True)  # [B, 1, 1, L]
+            mask = to_device(valid[:, None, None, :], self.k.device)  # [B, 1, 1, L]
         return CacheStep(self, True, self._dev(slots), self._dev(positions), read_slots, read_len, mask)
 
     def _dev(self, values: list[int]) -> Tensor:
-        t = torch.tensor(values, dtype=torch.int64)
-        if self.k.is_cuda:
-            t = t.pin_memory()
-        return t.to(self.k.device, non_blocking=True)
+        return to_device(torch.tensor(values, dtype=torch.int64), self.k.device)
 
 
 @dataclass

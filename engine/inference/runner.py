@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.inference.cache import KVCache
+from engine.inference.cache import KVCache, to_device
 from engine.inference.prompt import Prompt
 from engine.model.attention import PackedDocuments
 from engine.model.fusions import rope_tables
@@ -48,7 +48,7 @@ class ModelRunner:
         cu[1:] = torch.tensor(lengths).cumsum(0)
         m = max(lengths)
         return PackedDocuments(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m,
-                               cu_seqlens_device=cu.to(self.device, non_blocking=True), lengths=tuple(lengths),
+                               cu_seqlens_device=to_device(cu, self.device), lengths=tuple(lengths),
                                rope_cos=self.cos[positions], rope_sin=self.sin[positions], kv_cache=step)
 
     @torch.no_grad()
@@ -59,14 +59,14 @@ class ModelRunner:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        tokens = torch.cat([p.ids for p in prompts]).to(self.device, non_blocking=True)
-        offsets = torch.cat([p.offsets + s for p, s in zip(prompts, starts)]).to(self.device)
-        pixels = torch.cat([p.pixels for p in prompts]).to(self.device, non_blocking=True)
+        tokens = to_device(torch.cat([p.ids for p in prompts]), self.device)
+        offsets = to_device(torch.cat([p.offsets + s for p, s in zip(prompts, starts)]), self.device)
+        pixels = to_device(torch.cat([p.pixels for p in prompts]), self.device)
         hidden = self.model._embed({"tokens": tokens.view(1, -1), "images": pixels, "image_offsets": offsets})
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device, non_blocking=True)
+        positions = to_device(torch.cat([torch.arange(n) for n in lengths]), self.device)
         step = cache.prefill(slots, lengths) if cache is not None else None
         hidden = self._decoder(hidden, self._documents(lengths, positions, step))
-        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths)], device=self.device)
+        last = to_device(torch.tensor([s + n - 1 for s, n in zip(starts, lengths)]), self.device)
         return self._logits(hidden.index_select(0, last))
 
     @torch.no_grad()
@@ -74,7 +74,7 @@ class ModelRunner:
         """One new token per sequence (`tokens` [B] on the device, at `positions`, in `slots`).
         Returns fp32 logits [B, padded vocab] for the position after it."""
         hidden = self.lm.embedding(input_ids=tokens.view(1, -1), position_ids=None)  # [B, 1, H]
-        pos = cache._dev(positions)
+        pos = to_device(torch.tensor(positions), self.device)
         hidden = self._decoder(hidden, self._documents([1] * len(slots), pos, cache.decode(slots, positions)))
         return self._logits(hidden)
 

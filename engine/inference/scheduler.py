@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.inference.api import Request, Result, SamplingParams
+from engine.inference.cache import to_device
 from engine.inference.prompt import Prompt
 from engine.inference.sampling import choose, request_generator, stop_at
 
@@ -98,7 +99,7 @@ def run_batched(runner, cache, seqs: list[Sequence], *, slots: int, prefill_toke
             logits = runner.prefill([s.prompt for s in admitted], [s.slot for s in admitted], cache)
             live += advance(admitted, logits, params, banned, tokenizer)
         elif live:
-            tokens = torch.tensor([s.ids[-1] for s in live]).to(runner.device, non_blocking=True)
+            tokens = to_device(torch.tensor([s.ids[-1] for s in live]), runner.device)
             logits = runner.decode(tokens, [s.slot for s in live], [s.position for s in live], cache)
             live = advance(live, logits, params, banned, tokenizer)
         free = sorted(set(range(slots)) - {s.slot for s in live})

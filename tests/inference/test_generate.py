@@ -142,3 +142,12 @@ def test_params_are_checked(engine):
         engine.generate([], SamplingParams(top_p=0))
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate([], SamplingParams(max_new_tokens=0))
+
+
+def test_transformers_batches_are_left_padded_correctly(hf, requests_, greedy):
+    """transformers in batches of 4 prompts of different lengths: the same tokens as one at a time."""
+    hf.batch_size = 4
+    try:
+        assert _tokens(hf.generate(requests_[:8], GREEDY)) == _tokens(greedy[:8])
+    finally:
+        hf.batch_size = 1
