@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.conftest import build_tiny_llava  # tests/ is on sys.path (as for distributed_utils)
+from convert.conftest import build_tiny_llava  # tests/ is on sys.path (as for helpers)
 
 @pytest.fixture(scope="session")
 def hf_model():
@@ -31,7 +31,7 @@ def hf_dir(tmp_path_factory, hf_model, tokenizer_model) -> Path:
 @pytest.fixture(scope="session")
 def engine_ckpt(tmp_path_factory, hf_dir) -> Path:
     """The llava-hf model imported as an engine checkpoint at TP=PP=1 (fp32)."""
-    from tools.convert_checkpoint import run_import
+    from engine.cli.convert import run_import
 
     target = tmp_path_factory.mktemp("gen_engine") / "ckpt"
     run_import("llava-hf", hf_dir, target, 1, 1, dtype="fp32", progress=False, log=lambda *_: None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_utils import run_distributed
+from helpers import run_distributed
 from generation_inputs import interleaved_requests
 
 from engine.inference import SamplingParams
@@ -24,7 +24,7 @@ def _generate(ckpt: str, requests) -> list:
 @pytest.fixture(scope="module")
 def pp2_ckpt(tmp_path_factory, hf_dir):
     """The same model imported at TP=1, PP=2 (two pipeline stages on disk)."""
-    from tools.convert_checkpoint import run_import
+    from engine.cli.convert import run_import
 
     target = tmp_path_factory.mktemp("gen_engine_pp2") / "ckpt"
     run_import("llava-hf", hf_dir, target, 1, 2, dtype="fp32", progress=False, log=lambda *_: None)
