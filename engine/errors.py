@@ -113,3 +113,7 @@ class RankFailure:
         """The failures written under `directory`, lowest rank first."""
         found = [cls(**json.loads(p.read_text())) for p in Path(directory).glob("rank-*.json")]
         return sorted(found, key=lambda f: f.rank)
+
+
+class BenchmarkDataError(EngineError, ValueError):
+    """A benchmark file that is missing, unreadable, or lacks a field the evaluation needs."""

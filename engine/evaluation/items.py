@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class BenchmarkDataError(ValueError):
-    """A benchmark file that is missing, unreadable, or lacks a field the evaluation needs."""
+from engine.errors import BenchmarkDataError  # noqa: F401  (raised here, caught by the readers' callers)
 
 
 @dataclass(frozen=True)

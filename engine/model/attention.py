@@ -24,6 +24,11 @@ For packed documents the core attention also applies RoPE to q and k (angles per
 `PackedDocuments`; the plan's `rope` says compiled into one kernel or eager, see
 `engine.model.fusions`).
 
+Generation (engine.inference) adds a key/value cache through `PackedDocuments.kv_cache`: each
+layer writes its new keys and values there; a prefill then attends within the packed prompts as
+above, and a decode step (one query per sequence) runs one SDPA call of each query against its
+sequence's cached keys (`decode_attention`, a padding mask where the sequences differ in length).
+
 Attention never crosses a document boundary: each segment of `cu_seqlens` is its own causal
 sequence. The vision tower's attention is dense and bidirectional over 577 tokens (one image per
 batch row), so it takes the plain SDPA path (no packed params).
@@ -63,6 +68,9 @@ class PackedDocuments(PackedSeqParams):
     lengths: tuple[int, ...] = ()
     rope_cos: Tensor | None = None
     rope_sin: Tensor | None = None
+    # Generation only: an engine.inference.cache.CacheStep (write(layer_number, k, v), decoding,
+    # read(layer_number) -> cached keys, values, mask).
+    kv_cache: object | None = None
 
 
 class PackedCoreAttention(MegatronModule):
@@ -102,6 +110,7 @@ class PackedCoreAttention(MegatronModule):
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.backend = backend
         self.rope = rope  # None: this attention never sees rotary angles (the vision tower)
+        self.layer_number = layer_number  # indexes the generation KV cache
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
@@ -115,8 +124,14 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params.rope_cos is not None:
             query, key = apply_rope(query, key, packed_seq_params.rope_cos, packed_seq_params.rope_sin,
                                     compiled=self.rope == "compiled")
-        out = packed_attention(query, key, value, packed_seq_params, causal=self.causal, scale=self.scale,
-                               backend=self.backend)
+        step = packed_seq_params.kv_cache
+        if step is not None:
+            step.write(self.layer_number, key, value)
+        if step is not None and step.decoding:
+            out = decode_attention(query, *step.read(self.layer_number), scale=self.scale)
+        else:
+            out = packed_attention(query, key, value, packed_seq_params, causal=self.causal, scale=self.scale,
+                                   backend=self.backend)
         return out.reshape(out.size(0), -1)
 
     def _dense(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -165,3 +180,13 @@ def _sdpa_equal(q: Tensor, k: Tensor, v: Tensor, n: int, length: int, causal: bo
 
     out = F.scaled_dot_product_attention(bhsd(q), bhsd(k), bhsd(v), is_causal=causal, scale=scale)
     return out.transpose(1, 2).reshape(n * length, q.size(1), v.size(-1))
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, scale: float) -> Tensor:
+    """One query per sequence, q [B, h, d], against its cached keys/values [B, L, hk, d] (grouped
+    heads allowed); `mask` [B, 1, 1, L] bool (True = attend) or None. Returns [B, h, d]."""
+    b, h, d = q.shape
+    k, v = keys.transpose(1, 2), values.transpose(1, 2)  # [B, hk, L, d]
+    out = F.scaled_dot_product_attention(q.view(b, h, 1, d), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=k.size(1) != h)
+    return out.view(b, h, v.size(-1))

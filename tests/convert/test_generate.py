@@ -1,4 +1,5 @@
-"""tools/generate.py: prompts, decoding, and the same continuation from the engine and transformers."""
+"""Generation on an imported checkpoint: prompts follow the training token stream, and the engine
+and transformers continue alike through `llava-generate` (engine/cli/generate.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.cli.generate import main
 from engine.config import get_preset
 from engine.data.tokenizer import SentencePieceTokenizer
-from tools.generate import build_input, generate_hf, main, pick_next, prompt_segments
+from engine.inference.prompt import build_input, prompt_segments
 
 PROMPT = "A lecture about pets. <image> The cat in the picture is"
 
@@ -35,20 +37,8 @@ def test_prompt_follows_the_training_token_stream(tokenizer_model, photo_files):
     assert all(ids[o: o + 576] == [tok.image_token_id] * 576 for o in offsets.tolist())
     assert ids[offsets[0] + 576: offsets[1]] == tok.encode("then")
     assert images.shape == (2, 3, 336, 336) and images.dtype == torch.float32
-    with pytest.raises(ValueError, match="2 <image> marker.*1 --image"):
+    with pytest.raises(ValueError, match="2 <image> marker.*1 image"):
         build_input(tok, "<image> and <image>", photo_files[:1], 576, 336)
-
-
-def test_pick_next():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
-    assert pick_next(logits, 0.0, 0, 1.0, gen) == 1
-    assert pick_next(logits, 1.0, 1, 1.0, gen) == 1  # top-1 sampling is greedy
-    # top-p keeps the smallest set reaching the mass: {1, 2} here
-    draws = {pick_next(logits, 1.0, 0, 0.8, gen) for _ in range(200)}
-    assert draws == {1, 2}
-    draws = {pick_next(logits, 100.0, 0, 1.0, gen) for _ in range(200)}
-    assert draws == {0, 1, 2, 3}
 
 
 def _greedy_reference(model, tokens, images, steps: int, banned: list[int]) -> list[int]:
@@ -67,11 +57,11 @@ def _greedy_reference(model, tokens, images, steps: int, banned: list[int]) -> l
 
 
 @pytest.mark.slow
-def test_engine_and_transformers_continue_alike(imports, tiny_llava, tokenizer_model, photo_files, capsys):
+def test_engine_and_transformers_continue_alike(imports, tiny_llava, llava_hf_dir, tokenizer_model, photo_files,
+                                                capsys):
     ckpt = imports(1, 1)["target"]
-    argv = ["--checkpoint", ckpt, "--prompt", PROMPT, "--image", photo_files[0], "--max-new-tokens", "6",
-            "--dtype", "fp32", "--json"]
-    assert main(argv) == 0
+    argv = ["--prompt", PROMPT, "--image", photo_files[0], "--max-new-tokens", "6", "--dtype", "fp32", "--json"]
+    assert main(["--checkpoint", ckpt, *argv]) == 0
     engine = json.loads(capsys.readouterr().out)
     cfg = get_preset("tiny")
     tok = SentencePieceTokenizer(tokenizer_model)
@@ -83,10 +73,11 @@ def test_engine_and_transformers_continue_alike(imports, tiny_llava, tokenizer_m
     reference = _greedy_reference(tiny_llava, tokens, images, 6, banned)
     assert engine["new_tokens"] == reference and len(reference) == 6
     assert engine["text"] == tok.decode(reference)
-    assert generate_hf(tiny_llava, cfg, tokens, images, max_new_tokens=6, eos_id=2) == reference
+    assert main(["--hf-model", str(llava_hf_dir), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == reference
 
     # Sampling: reproducible from the seed, and not the greedy continuation at a high temperature.
-    sample = argv + ["--temperature", "3.0", "--seed", "7"]
+    sample = ["--checkpoint", ckpt, *argv, "--temperature", "3.0", "--seed", "7"]
     assert main(sample) == 0
     first = json.loads(capsys.readouterr().out)["new_tokens"]
     assert main(sample) == 0
@@ -96,5 +87,6 @@ def test_engine_and_transformers_continue_alike(imports, tiny_llava, tokenizer_m
 
 def test_generate_errors(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path), "--prompt", "x", "--tokenizer", str(tmp_path / "no.model")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "not an engine checkpoint" in capsys.readouterr().err
     assert main(["--hf-model", str(tmp_path), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from engine.cli.evaluate import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tokenizer_model):
-    from tools.convert_checkpoint import run_import
+    from engine.cli.convert import run_import
 
     hf = tmp_path_factory.mktemp("eval_llava_hf")
     build_tiny_llava(seed=5).save_pretrained(hf)
