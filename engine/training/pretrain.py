@@ -240,12 +240,12 @@ def _initial_state(cfg: TrainingConfig, model, optimizer, scheduler, state):
 
 def _saver(cfg: TrainingConfig, model, optimizer, scheduler):
     """(checkpoint Saver, save_fn(state)), both None without --save."""
-    from engine.training import checkpoint as ckpt
+    from engine.training.saver import Saver
 
     c = cfg.checkpoint
     if not c.save:
         return None, None
-    saver = ckpt.Saver(c.save, keep_last=c.keep_last, async_save=c.async_save, log=_print_rank0,
+    saver = Saver(c.save, keep_last=c.keep_last, async_save=c.async_save, log=_print_rank0,
                        optim_layout="reshardable" if c.dist_ckpt_optim_fully_reshardable else "dp",
                        threads=c.ckpt_save_threads)
     run_args = cfg.to_dict()
