@@ -213,8 +213,12 @@ class _Agreement:
 
     def collect_child_error(self) -> None:
         """The background write has ended (mcore joined it): what its writer logged, if anything."""
-        while self.child_errors is not None and not self.child_errors.empty():
+        if self.child_errors is None:
+            return
+        while not self.child_errors.empty():
             self.logged = self.logged or self.child_errors.get()
+        self.child_errors.close()
+        self.child_errors = None
 
     @contextlib.contextmanager
     def phase(self):
