@@ -12,7 +12,7 @@ table rule by rule:
 * `iter_hf_tensors`: for a TP=PP=1 model, yield the Hugging Face tensors rule by rule (the
   parameters are the full tensors; only reshapes allocate).
 
-Checkpoints are read and written by `engine.training.checkpoint` — the functions the trainer
+Checkpoints are read and written by `engine.training.checkpoint` and `.saver` — the functions the trainer
 itself uses — so an imported checkpoint is exactly what `--pretrained-checkpoint` loads.
 """
 
@@ -112,7 +112,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> 
 def save_weights(model: torch.nn.Module, target: str | Path, cfg: ModelConfig, info: dict) -> None:
     """An iteration-0 checkpoint (weights, no optimizer state) under `target`, with the tracker
     file; collective over all ranks."""
-    from engine.training.checkpoint import Saver
+    from engine.training.saver import Saver
 
     Saver(target, log=lambda *_: None).save(0, model, None, None, 0, cfg, args_dict=info)
 

@@ -72,6 +72,10 @@ def _parallel_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ddp-bucket-size", type=int, default=None,
                    help="parameters per gradient bucket (default: mcore's)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="with several ranks: a rank whose heartbeat (every SECONDS/4, through the "
+                        "process group's store) stops for SECONDS is lost, and every rank exits with "
+                        "status 4 naming it; 0 = off (a lost rank is noticed at the distributed timeout)")
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -300,6 +304,8 @@ def build_config(args: argparse.Namespace, world_size: int, check_paths: bool = 
         raise ConfigError("--max-num-images and --max-images-per-sample must be >= 1")
     if args.loader_timeout < 0:
         raise ConfigError(f"--loader-timeout must be >= 0 seconds (0 waits forever), got {args.loader_timeout:g}")
+    if args.heartbeat_timeout != 0 and args.heartbeat_timeout < 2:
+        raise ConfigError(f"--heartbeat-timeout must be 0 (off) or >= 2 seconds, got {args.heartbeat_timeout:g}")
     data = _pick(DataSettings, args, data_path=tuple(args.data_path or ()),
                  blend=_parse_data_path(args.data_path, check_paths), split=_parse_split(args.split))
     checkpoint = _pick(CheckpointSettings, args)

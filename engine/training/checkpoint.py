@@ -1,4 +1,5 @@
-"""megatron-core distributed checkpoints: save atomically, resume exactly, reshard freely.
+"""megatron-core distributed checkpoints: what one holds, and resuming from it exactly, in any
+layout (writing them, atomically and agreed by every rank: engine/training/saver.py).
 
 Layout of a save directory (Megatron's):
 
@@ -22,13 +23,8 @@ What a checkpoint holds:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import os
 import random
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +65,6 @@ _SHAPE_FIELDS = {
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -194,177 +185,6 @@ def _state_dict(model, optimizer, *, loading: bool, with_optimizer: bool, with_r
     if with_rng:
         state["rng"] = _rng_sharded_object(None if loading else _rng_state())
     return state
-
-
-# --------------------------------------------------------------------------- save
-
-
-class Saver:
-    """Saves checkpoints under one root; with `async_save` the tensor writes run in the background
-    and the rename + tracker update happen when they complete (`finalize`). Each rank writes its
-    shards with `threads` threads; replicated tensors (e.g. the weights on every DP rank) are
-    spread over the data-parallel ranks so that no rank writes everything (mcore's fully
-    parallel save)."""
-
-    def __init__(self, root: str | Path, keep_last: int | None = None, async_save: bool = False,
-                 log=print, optim_layout: str = "dp", threads: int = 2):
-        if optim_layout not in OPTIM_LAYOUTS:
-            raise ValueError(f"optim_layout must be one of {sorted(OPTIM_LAYOUTS)}, got {optim_layout!r}")
-        self.root = Path(root)
-        self.keep_last = keep_last
-        self.log = log
-        self.optim_metadata = OPTIM_LAYOUTS[optim_layout]
-        self.threads = threads
-        self.async_queue = None
-        if async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            self.async_queue = AsyncCallsQueue()
-
-    def _strategy(self):
-        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-        strategy = TorchDistSaveShardedStrategy(thread_count=self.threads)
-        if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
-        return strategy
-
-    def save(self, iteration: int, model, optimizer, scheduler, consumed_samples: int,
-             model_config: ModelConfig, args_dict: dict | None = None) -> None:
-        start = time.perf_counter()
-        self.finalize(blocking=True)  # never two saves in flight
-        tmp = self.root / f".tmp_iter_{iteration:07d}"
-        if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-
-        state = _state_dict(model, optimizer, loading=False, with_optimizer=True, with_rng=True,
-                            optim_metadata=self.optim_metadata)
-        state.update(
-            scheduler=scheduler.state_dict() if scheduler is not None else None,
-            iteration=iteration,
-            consumed_samples=consumed_samples,
-            model_config=dataclasses.asdict(model_config),
-            layout=_layout(),
-            kernels=_unwrap(model).kernels.as_dict(),
-            args=args_dict or {},
-            adam_steps=_adam_steps(optimizer),
-        )
-        asynchronous = {"async_sharded_save": True, "async_strategy": "mcore"} if self.async_queue else {}
-
-        def publish():
-            _barrier()  # every rank's shards are on disk
-            if _rank() == 0:
-                self._publish(tmp, iteration)
-            _barrier()
-            self.log(f"saved checkpoint {iteration_dir(self.root, iteration)} "
-                     f"in {time.perf_counter() - start:.1f} s")
-
-        self._in_flight = (iteration, tmp)
-        with self._failure_report():
-            request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
-                                              content_metadata=dict(self.optim_metadata), **asynchronous)
-            if request is None:
-                publish()
-            else:
-                request.add_finalize_fn(publish)
-                self.async_queue.schedule_async_request(request)
-
-    def finalize(self, blocking: bool = False) -> None:
-        if self.async_queue is not None:
-            with self._failure_report():
-                self.async_queue.maybe_finalize_async_calls(blocking=blocking)
-
-    def close(self) -> None:
-        if self.async_queue is not None:
-            try:
-                self.finalize(blocking=True)
-            finally:
-                self.async_queue.close()
-
-    @contextlib.contextmanager
-    def _failure_report(self):
-        """A failed write (disk full, no permission, file too large) becomes a CheckpointError naming
-        the save, its cause and the checkpoint a resume would still use; the half-written directory
-        is removed. mcore's writer threads report only a generic error upward and log the cause,
-        so the cause is taken from that log."""
-        causes = _ErrorRecords()
-        writer_log = logging.getLogger("megatron.core.dist_checkpointing")
-        writer_log.addHandler(causes)
-        try:
-            yield
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
-            iteration, tmp = getattr(self, "_in_flight", (None, None))
-            if _rank() == 0 and tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            newest = read_tracker(self.root) if (self.root / TRACKER).is_file() else None
-            cause = _probe_write(self.root) or causes.first or f"{type(e).__name__}: {e}"
-            raise CheckpointError(
-                f"saving checkpoint iteration {iteration} under {self.root} failed: {cause}; the newest complete "
-                f"checkpoint is still {iteration_dir(self.root, newest) if newest is not None else 'none'}") from e
-        finally:
-            writer_log.removeHandler(causes)
-
-    def _publish(self, tmp: Path, iteration: int) -> None:
-        final = iteration_dir(self.root, iteration)
-        if final.exists():  # saving the same iteration again (e.g. after a resume)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        tracker_tmp = self.root / (TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, self.root / TRACKER)
-        for stale in self.root.glob(".tmp_iter_*"):  # left by a save that was killed mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-        if self.keep_last:
-            saved = sorted(p for p in self.root.glob("iter_*") if p.is_dir())
-            for old in saved[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def _probe_write(directory: Path, nbytes: int = 64 << 20) -> str | None:
-    """After a failed save: the OS error of writing a file of `nbytes` there (a full disk, a file
-    size limit, no permission), with the space left; None when that works (the cause lies elsewhere)."""
-    probe = directory / f".write_probe_{_rank()}"
-    try:
-        with open(probe, "wb") as f:
-            block = bytes(1 << 20)
-            for _ in range(nbytes >> 20):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        try:
-            free = f", {shutil.disk_usage(directory).free / 2**30:.2f} GiB free there"
-        except OSError:
-            free = ""
-        return f"{e.strerror or e} (a test write to {directory} failed too{free})"
-    finally:
-        try:
-            probe.unlink(missing_ok=True)
-        except OSError:
-            pass
-    return None
-
-
-class _ErrorRecords(logging.Handler):
-    """Keeps the first error message logged while it is attached."""
-
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.first = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.first is None:
-            self.first = record.getMessage()
 
 
 # --------------------------------------------------------------------------- load

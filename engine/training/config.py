@@ -49,6 +49,7 @@ class ParallelSettings:
     overlap_param_gather: bool
     ddp_bucket_size: int | None
     distributed_timeout_minutes: int
+    heartbeat_timeout: float  # seconds without a peer's heartbeat before it is lost; 0 = not watched
     world_size: int
 
     @property

@@ -8,7 +8,8 @@ Exit status: 0 after training or after a requested stop (SIGTERM/SIGINT, --exit-
 --exit-duration-in-mins), with a checkpoint saved when --save is given; 2 for a configuration,
 data or checkpoint that cannot be used (the message says which and why); 3 when
 --max-skipped-steps consecutive steps had a NaN/Inf loss or gradients (the last good state is
-saved first). No batch within --loader-timeout is data that cannot be used: 2.
+saved first). No batch within --loader-timeout is data that cannot be used: 2. 4 on every rank
+when one rank was lost (no heartbeat for --heartbeat-timeout: engine/training/watchdog.py).
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training.checkpoint import CheckpointError
     from engine.training.loop import DivergedError
 
+    from engine.training.watchdog import start_watchdog
+
     info = setup_platform()
     init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                      seed=cfg.training.seed, timeout_minutes=cfg.parallel.distributed_timeout_minutes)
+    watchdog = start_watchdog(cfg.parallel.heartbeat_timeout, log=_print_rank0)
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
         return run(cfg, device, started)
@@ -57,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         _fail(str(e))
         return 3
+    except Exception:
+        if watchdog is not None:  # a collective that failed because a rank was lost: name it
+            watchdog.explain()
+        raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         destroy_distributed()
 
 
@@ -241,12 +251,12 @@ def _initial_state(cfg: TrainingConfig, model, optimizer, scheduler, state):
 
 def _saver(cfg: TrainingConfig, model, optimizer, scheduler):
     """(checkpoint Saver, save_fn(state)), both None without --save."""
-    from engine.training import checkpoint as ckpt
+    from engine.training.saver import Saver
 
     c = cfg.checkpoint
     if not c.save:
         return None, None
-    saver = ckpt.Saver(c.save, keep_last=c.keep_last, async_save=c.async_save, log=_print_rank0,
+    saver = Saver(c.save, keep_last=c.keep_last, async_save=c.async_save, log=_print_rank0,
                        optim_layout="reshardable" if c.dist_ckpt_optim_fully_reshardable else "dp",
                        threads=c.ckpt_save_threads)
     run_args = cfg.to_dict()

@@ -31,7 +31,7 @@ def _loss(model, batch) -> torch.Tensor:
 
 
 def _save(model, root: Path) -> None:
-    from engine.training.checkpoint import Saver
+    from engine.training.saver import Saver
 
     Saver(root, log=lambda *_: None).save(0, model, None, None, 0, TINY)
 

@@ -256,3 +256,35 @@ dataset.PackedDataset.__init__ = init
 from engine.training.pretrain import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+# Runs engine.pretrain with a checkpoint writer whose every file write fails with ENOSPC, from the
+# save of iteration FAIL_FROM on, on the rank FAIL_RANK only when that is set.
+ENOSPC_DRIVER = """
+import errno, os, sys
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+fail_from = int(os.environ["FAIL_FROM"])
+on_this_rank = os.environ.get("FAIL_RANK", os.environ["RANK"]) == os.environ["RANK"]
+real = filesystem_async.FileSystemWriterAsync.write_preloaded_data
+
+def full_disk(transform_list, local_proc_idx, write_bucket, *args, **kwargs):
+    if on_this_rank and f"iter_{fail_from:07d}" in str(write_bucket[0]):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(write_bucket[0]))
+    return real(transform_list, local_proc_idx, write_bucket, *args, **kwargs)
+
+filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(full_disk)
+from engine.training.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_ranks(argv: list, logdir: Path, *, nproc: int = 2, driver: str | None = None) -> list:
+    """`nproc` ranks of one run (helpers.Rank), each in its own process group, as torchrun starts
+    them; rank r logs to LOGDIR/rank{r}.log."""
+    from helpers import free_port, start_pretrain
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    return [start_pretrain(argv, logdir / f"rank{r}.log", rank=r, world=nproc, port=port, driver=driver,
+                           own_group=True, pythonpath=(Path(__file__).parent,)) for r in range(nproc)]

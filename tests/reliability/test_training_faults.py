@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faultlib import POISON_DRIVER, TRAIN_ITERS, checkpoint_tensors, run_training, tracker, training_flags
+from faultlib import ENOSPC_DRIVER, POISON_DRIVER, TRAIN_ITERS, checkpoint_tensors, run_training, tracker, training_flags
 from helpers import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -95,26 +95,6 @@ def _file_size_limit(limit: int):
     return apply
 
 
-# Runs engine.pretrain with a checkpoint writer whose every file write fails with ENOSPC, from the
-# save of iteration FAIL_FROM on.
-_ENOSPC_DRIVER = """
-import errno, os, sys
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-fail_from = int(os.environ["FAIL_FROM"])
-real = filesystem_async.FileSystemWriterAsync.write_preloaded_data
-
-def full_disk(transform_list, local_proc_idx, write_bucket, *args, **kwargs):
-    if f"iter_{fail_from:07d}" in str(write_bucket[0]):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(write_bucket[0]))
-    return real(transform_list, local_proc_idx, write_bucket, *args, **kwargs)
-
-filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(full_disk)
-from engine.training.pretrain import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def _digest(directory: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
@@ -137,7 +117,7 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(training
         cause = "File too large"
     else:
         monkeypatch.setenv("FAIL_FROM", "6")
-        output = run_training(argv, tmp_path / "b.log", expect=2, driver=_ENOSPC_DRIVER)
+        output = run_training(argv, tmp_path / "b.log", expect=2, driver=ENOSPC_DRIVER)
         cause = "No space left on device"
     assert "llava-pretrain: error: saving checkpoint iteration 6" in output and cause in output, output[-3000:]
     assert "the newest complete checkpoint is still" in output and "iter_0000004" in output
