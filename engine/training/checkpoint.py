@@ -23,7 +23,9 @@ What a checkpoint holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import random
 from pathlib import Path
 
@@ -260,9 +262,27 @@ def _drop_absent_extra_state(model_state: dict, ckpt: Path) -> None:
         del model_state[key]
 
 
+@contextlib.contextmanager
+def trusted_te_extra_state():
+    """Transformer Engine keeps the delayed-scaling FP8 state (amax histories, scales) as a pickled
+    extra state and refuses to unpickle it unless told that the checkpoint is trusted. A
+    checkpoint this engine loads is trusted already: its common state is a pickle too."""
+    name = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _load_model_state(model, state: dict, ckpt: Path) -> None:
     """load_state_dict, strict except for module extra states the checkpoint did not hold."""
-    result = _unwrap(model).load_state_dict(state, strict=False)
+    with trusted_te_extra_state():
+        result = _unwrap(model).load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{ckpt}: weights do not match this model: missing {missing[:5]}, "

@@ -4,9 +4,10 @@ First-token logits of the packed prefill (8 prompts in one forward, varlen/flash
 the model's own training forward on each prompt alone, within bf16's error; then >= 99 % of greedy
 tokens equal over 32 new tokens between the cached, batched path and the recompute path.
 
-The model is LLAVA_GENERATE_CHECKPOINT when set (an engine checkpoint of the 7B shape, e.g. a few
-hundred steps on the sample data, so the text is not degenerate); otherwise the llava-1.5-7b
-preset with random weights.
+The model is LLAVA_GENERATE_CHECKPOINT (an engine checkpoint of the 7B shape, trained at least a
+few hundred steps). Without one the tests are skipped: with random 7B weights the logits are
+nearly tied everywhere (measured on an H200: a largest logit of 5.6, and 40 of 256 greedy tokens
+equal between two paths that differ only in bf16 rounding), so neither check says anything.
 """
 
 import os
@@ -16,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import get_preset
 from engine.inference import EngineGenerator, SamplingParams
-from engine.inference.engine import build_inference_model, load_model
+from engine.inference.engine import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
 from generation_inputs import interleaved_requests  # noqa: E402
@@ -32,13 +32,10 @@ def generator(mcore_cuda, tokenizer_model):
     from engine.data.tokenizer import SentencePieceTokenizer
 
     ckpt = os.environ.get("LLAVA_GENERATE_CHECKPOINT")
-    if ckpt:
-        _, cfg, _ = read_checkpoint_config(ckpt)
-        model = load_model(ckpt, torch.bfloat16, cfg)
-    else:
-        cfg = get_preset("llava-1.5-7b")
-        torch.manual_seed(0)
-        model = build_inference_model(cfg, torch.bfloat16, initialize=True)
+    if not ckpt:
+        pytest.skip("set LLAVA_GENERATE_CHECKPOINT to a trained 7B-shaped engine checkpoint")
+    _, cfg, _ = read_checkpoint_config(ckpt)
+    model = load_model(ckpt, torch.bfloat16, cfg)
     gen = EngineGenerator(model, cfg, SentencePieceTokenizer(tokenizer_model), batch_size=8)
     yield gen
     del gen, model
