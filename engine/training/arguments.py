@@ -26,6 +26,7 @@ import yaml
 
 from engine.config import PRESETS, ModelConfig, get_preset
 from engine.data.dataset import DataBlend, DataSplit
+from engine.data.packing import LOSS_POLICIES
 from engine.errors import ConfigError
 from engine.training.config import (CheckpointSettings, DataSettings, LoggingSettings, ModelSettings,
                                     OptimizerSettings, ParallelSettings, PrecisionSettings, TrainingConfig,
@@ -78,7 +79,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="dataset prefixes (<prefix>.idx/.tokens.bin/.images.bin), optionally weighted: "
-                        "[w1] p1 [w2] p2 ...")
+                        "[w1] p1 [w2] p2 ...; a prefix ending in :all or :after-first-image has that loss policy")
+    g.add_argument("--data-blend-file", default=None, metavar="FILE.yaml",
+                   help="instead of --data-path: a YAML list of {path, weight, loss} entries")
+    g.add_argument("--loss-policy", choices=list(LOSS_POLICIES), default=LOSS_POLICIES[0],
+                   help="which text carries loss, for datasets that do not say: after-first-image (the seed's "
+                        "rule: none before a document's first image) or all (every text token; text-only data)")
     g.add_argument("--split", default="969,30,1",
                    help="train,valid,test proportions of each dataset's documents (Megatron's)")
     g.add_argument("--seq-length", type=int, default=4096,
@@ -287,7 +293,7 @@ def build_config(args: argparse.Namespace, world_size: int, check_paths: bool = 
     if args.loader_timeout < 0:
         raise ConfigError(f"--loader-timeout must be >= 0 seconds (0 waits forever), got {args.loader_timeout:g}")
     data = _pick(DataSettings, args, data_path=tuple(args.data_path or ()),
-                 blend=_parse_data_path(args.data_path, check_paths), split=_parse_split(args.split))
+                 blend=_parse_blend(args, check_paths), split=_parse_split(args.split))
     checkpoint = _pick(CheckpointSettings, args)
     if check_paths:
         _check_checkpoint_paths(checkpoint)
@@ -419,13 +425,18 @@ def _check_intervals(args: argparse.Namespace) -> None:
         raise ConfigError("--eval-interval and --eval-iters must be >= 0 (0 turns evaluation off)")
 
 
-def _parse_data_path(items: list[str] | None, check_paths: bool) -> DataBlend:
-    """Megatron's `p` or `w1 p1 w2 p2 ...` → the blend, weights normalised."""
-    if not items:
+def _parse_blend(args: argparse.Namespace, check_paths: bool) -> DataBlend:
+    """Megatron's `p` or `w1 p1 w2 p2 ...` (each prefix optionally `:all`), or a
+    --data-blend-file → the blend, weights normalised, a loss policy per dataset."""
+    items, blend_file = args.data_path, args.data_blend_file
+    if items and blend_file:
+        raise ConfigError("give --data-path or --data-blend-file, not both")
+    if not items and not blend_file:
         raise ConfigError("--data-path is required: one dataset prefix (or weight/prefix pairs) made by "
-                          "tools/preprocess_interleaved.py")
+                          "tools/preprocess_interleaved.py (or --data-blend-file FILE.yaml)")
     try:
-        blend = DataBlend.parse(items)
+        blend = (DataBlend.from_file(blend_file, args.loss_policy) if blend_file
+                 else DataBlend.parse(items, args.loss_policy))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for prefix in blend.prefixes:

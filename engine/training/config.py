@@ -64,7 +64,9 @@ class ParallelSettings:
 @dataclass(frozen=True)
 class DataSettings:
     data_path: tuple[str, ...]  # the flag's words, as given
-    blend: DataBlend  # --data-path, parsed
+    data_blend_file: str | None  # instead of --data-path: a YAML list of {path, weight, loss}
+    loss_policy: str  # for datasets whose entry does not name one
+    blend: DataBlend  # --data-path or --data-blend-file, parsed
     split: DataSplit  # --split, parsed
     seq_length: int
     max_num_images: int
@@ -197,6 +199,7 @@ class TrainingConfig:
             num_microbatches=self.num_microbatches,
             model_config=dataclasses.asdict(self.model_config),
             data_blend=list(blend),
+            data_loss_policies=list(blend.loss_policies),
             split_fractions=list(split.fractions),
         )
         return out
