@@ -34,6 +34,7 @@ import torch
 from engine.config import LLAMA_SPECIAL_TOKENS
 from engine.data.blend import DataBlend, parse_data_path  # noqa: F401  (re-exported)
 from engine.data.format import FormatError, IndexedDataset
+from engine.data.sources import BlendOrigin
 from engine.data.packing import (PackingConfig, PackingIndex, build_blending_index, build_packing_index,
                                  dataset_identity, default_cache_dir, index_dir, load_index,
                                  load_or_build)
@@ -235,12 +236,18 @@ class PackedDataset(torch.utils.data.Dataset):
 
 class BlendedDataset(torch.utils.data.Dataset):
     """Samples drawn from several datasets in proportion to their weights: sample k is sample
-    ``sample_index[k]`` of dataset ``dataset_index[k]`` (see ``packing.build_blending_index``)."""
+    ``sample_index[k]`` of dataset ``dataset_index[k]`` (see ``packing.build_blending_index``).
+
+    With an `origin` (a blend changed on resume, `engine.data.sources`), the index places samples
+    from ``origin.start`` on: sample k >= start is sample ``offsets[i] + sample_index[k - start]``
+    of dataset ``i = dataset_index[k - start]``; the samples before start were consumed under the
+    earlier blend and are not served."""
 
     def __init__(self, datasets: Sequence[torch.utils.data.Dataset], dataset_index: np.ndarray,
-                 sample_index: np.ndarray):
+                 sample_index: np.ndarray, origin: BlendOrigin | None = None):
         self.datasets, self.dataset_index, self.sample_index = list(datasets), dataset_index, sample_index
-        needed = np.bincount(np.asarray(dataset_index), minlength=len(self.datasets))
+        self.origin = origin or BlendOrigin(0, (0,) * len(self.datasets))
+        needed = np.bincount(np.asarray(dataset_index), minlength=len(self.datasets)) + np.array(self.origin.offsets)
         # Each dataset may have its own loss policy; everything else about packing must agree.
         kinds = {(ds.reader.image_token_id, ds.reader.image_size, dataclasses.replace(ds.config, loss_policy="all"))
                  for ds in self.datasets if isinstance(ds, PackedDataset)}
@@ -251,7 +258,7 @@ class BlendedDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{ds!r} has {len(ds)} samples, the blend needs {n}")
 
     def __len__(self) -> int:
-        return len(self.dataset_index)
+        return self.origin.start + len(self.dataset_index)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         part, j = self._locate(k)
@@ -263,19 +270,22 @@ class BlendedDataset(torch.utils.data.Dataset):
         return f"blend sample {k} = {where}"
 
     def _locate(self, k: int) -> tuple[torch.utils.data.Dataset, int]:
-        if not 0 <= k < len(self):
-            raise IndexError(f"sample {k} out of range [0, {len(self)})")
-        return self.datasets[int(self.dataset_index[k])], int(self.sample_index[k])
+        if not self.origin.start <= k < len(self):
+            raise IndexError(f"sample {k} out of range [{self.origin.start}, {len(self)})")
+        i = int(self.dataset_index[k - self.origin.start])
+        return self.datasets[i], self.origin.offsets[i] + int(self.sample_index[k - self.origin.start])
 
     def __repr__(self) -> str:
-        shares = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets)) / max(len(self), 1)
+        shares = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets)) / max(len(self.dataset_index), 1)
         parts = ", ".join(f"{s:.3f} x {ds!r}" for s, ds in zip(shares, self.datasets))
-        return f"BlendedDataset({len(self)} samples: {parts})"
+        start = "" if self.origin.is_zero else f", placed from sample {self.origin.start}, sources from {list(self.origin.offsets)}"
+        return f"BlendedDataset({len(self)} samples{start}: {parts})"
 
 
 def build_datasets(blend: DataBlend, config: PackingConfig, *, split: DataSplit,
                    num_samples: Sequence[int | None] = (None, None, None), pad_id: int = LLAMA_SPECIAL_TOKENS.pad,
-                   cache_dir: str | os.PathLike | None = None) -> list[torch.utils.data.Dataset | None]:
+                   cache_dir: str | os.PathLike | None = None,
+                   train_origin: BlendOrigin | None = None) -> list[torch.utils.data.Dataset | None]:
     """Train, valid and test datasets for Megatron-style ``--data-path`` and ``--split``, parsed
     (`DataBlend.parse`, `DataSplit.parse`).
 
@@ -283,7 +293,9 @@ def build_datasets(blend: DataBlend, config: PackingConfig, *, split: DataSplit,
     is packed under its own loss policy (``blend.loss_policies``; `config.loss_policy` is
     replaced by it). A split is
     None when its ``--split`` share is zero or it is asked for zero samples; ``None`` samples
-    means one epoch (a blend needs a number). Under torch.distributed, rank 0 builds the indices
+    means one epoch (a blend needs a number). `train_origin` places the train blend from a later
+    sample with each source from an offset (a blend changed on resume, `engine.data.sources`);
+    a train split with an origin is a BlendedDataset even of one prefix. Under torch.distributed, rank 0 builds the indices
     first and the other ranks then read them from the cache.
     """
     prefixes, weights = list(blend.prefixes), list(blend.weights)
@@ -296,28 +308,33 @@ def build_datasets(blend: DataBlend, config: PackingConfig, *, split: DataSplit,
     out = []
     for which, name in enumerate(SPLITS):
         n = num_samples[which]
+        origin = train_origin if name == "train" and train_origin is not None and not train_origin.is_zero else None
         if shares[which] == 0 or n == 0:
             out.append(None)
-        elif len(prefixes) == 1:
+        elif len(prefixes) == 1 and origin is None:
             out.append(PackedDataset(prefixes[0], configs[0], split=name, split_weights=split, num_samples=n,
                                      pad_id=pad_id, cache_dir=cache_dir))
         else:
             if n is None:
                 raise ValueError(f"blending {len(prefixes)} datasets needs a number of {name} samples")
+            start, offsets = (origin.start, origin.offsets) if origin else (0, (0,) * len(prefixes))
+            if n <= start:
+                raise ValueError(f"the run has consumed {start} of its {n} {name} samples: nothing left to blend")
             params = {"kind": "blend", "datasets": [dataset_identity(p + ".idx") for p in prefixes],
                       "loss_policies": list(blend.loss_policies),
-                      "weights": weights, "num_samples": int(n), "split": name, "split_weights": str(split)}
+                      "weights": weights, "num_samples": int(n - start), "split": name, "split_weights": str(split)}
             where = cache_dir if cache_dir is not None else default_cache_dir(prefixes[0])
 
             def build():
-                dataset_index, sample_index = build_blending_index(weights, n)
+                dataset_index, sample_index = build_blending_index(weights, n - start)
                 return {"dataset_index": dataset_index, "sample_index": sample_index}
 
             index = load_or_build(where, f"{os.path.basename(prefixes[0])}.{name}.blend", params, build)
-            counts = np.bincount(np.asarray(index["dataset_index"]), minlength=len(prefixes))
+            counts = np.bincount(np.asarray(index["dataset_index"]), minlength=len(prefixes)) + np.array(offsets)
             parts = [PackedDataset(p, cfg, split=name, split_weights=split, num_samples=max(int(c), 1),
                                    pad_id=pad_id, cache_dir=cache_dir) for p, cfg, c in zip(prefixes, configs, counts)]
-            out.append(BlendedDataset(parts, index["dataset_index"], index["sample_index"]))
+            out.append(BlendedDataset(parts, index["dataset_index"], index["sample_index"],
+                                      origin or BlendOrigin(0, (0,) * len(prefixes))))
     if distributed and dist.get_rank() == 0:
         dist.barrier()
     return out

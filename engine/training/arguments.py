@@ -163,6 +163,14 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
                    help="resume from this directory (its latest checkpoint); may equal --save")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--export-hf-interval", type=int, default=None, metavar="N",
+                   help="export every N-th saved checkpoint to <save>/hf/iter_XXXXXXX (Hugging Face LLaVA) in a "
+                        "low-priority background process; training does not wait for it")
+    g.add_argument("--export-hf-keep", type=int, default=None, metavar="K",
+                   help="keep only the K newest Hugging Face exports")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="the SentencePiece model the data was tokenized with, written into each Hugging Face "
+                        "export (default: <save>/tokenizer.model)")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoint tensors in the background while training continues")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction, default=False,
@@ -417,7 +425,8 @@ def _optimizer(args: argparse.Namespace, train_iters: int) -> OptimizerSettings:
 
 
 def _check_intervals(args: argparse.Namespace) -> None:
-    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last", "max_skipped_steps"):
+    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last", "max_skipped_steps",
+                 "export_hf_interval", "export_hf_keep"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -463,5 +472,12 @@ def _check_checkpoint_paths(checkpoint: CheckpointSettings) -> None:
     # usual `--save D --load D` of a job that resumes itself); otherwise it is a typo.
     if load and not Path(load).is_dir() and (not save or Path(load).resolve() != Path(save).resolve()):
         raise ConfigError(f"--load {load}: no such directory")
+    if checkpoint.export_hf_interval:
+        if not save:
+            raise ConfigError("--export-hf-interval exports saved checkpoints: give --save too")
+        tokenizer = checkpoint.tokenizer_model or str(Path(save) / "tokenizer.model")
+        if not Path(tokenizer).exists():
+            raise ConfigError(f"--export-hf-interval needs the tokenizer the data was made with: --tokenizer-model "
+                              f"PATH ({tokenizer} not found)")
     if checkpoint.pretrained_checkpoint and not Path(checkpoint.pretrained_checkpoint).is_dir():
         raise ConfigError(f"--pretrained-checkpoint {checkpoint.pretrained_checkpoint}: no such directory")

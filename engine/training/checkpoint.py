@@ -14,6 +14,8 @@ What a checkpoint holds:
   another TP/PP layout), `optimizer`: the distributed optimizer's state (per DP shard, or in the
   model's layout to allow any TP/PP change: OPTIM_LAYOUTS), `scheduler`: the LR schedule,
 - `iteration`, `consumed_samples` (the data position: the sampler restarts there),
+- `data`: the blend, where its index starts and what each source has given (samples, images,
+  tokens, loss tokens): a resume with a changed blend continues each source from there,
 - `rng`: each rank's Python/NumPy/torch (+CUDA, + mcore tracker) RNG states, keyed by its
   (pipeline, tensor, data) coordinates; restored only when the layout is unchanged,
 - `model_config` and `layout`, checked before anything is loaded so that a checkpoint of another
@@ -232,7 +234,7 @@ class Saver:
         return strategy
 
     def save(self, iteration: int, model, optimizer, scheduler, consumed_samples: int,
-             model_config: ModelConfig, args_dict: dict | None = None) -> None:
+             model_config: ModelConfig, args_dict: dict | None = None, data_state: dict | None = None) -> None:
         start = time.perf_counter()
         self.finalize(blocking=True)  # never two saves in flight
         tmp = self.root / f".tmp_iter_{iteration:07d}"
@@ -253,6 +255,7 @@ class Saver:
             kernels=_unwrap(model).kernels.as_dict(),
             args=args_dict or {},
             adam_steps=_adam_steps(optimizer),
+            data=data_state,  # the blend and what each source gave (engine/data/sources.py)
         )
         asynchronous = {"async_sharded_save": True, "async_strategy": "mcore"} if self.async_queue else {}
 
@@ -505,6 +508,16 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
         _set_rng_state(loaded["rng"])
     log(f"resumed from {ckpt} (iteration {common['iteration']}, consumed samples {common['consumed_samples']})")
     return int(common["iteration"]), int(common["consumed_samples"])
+
+
+def read_data_state(root: str | Path) -> dict | None:
+    """The per-source data state of the newest checkpoint under `root` (its blend, the blend's
+    origin, each source's consumption: engine/data/sources.py); None without a checkpoint or
+    for one saved without it."""
+    ckpt = resolve_checkpoint_dir(root)
+    if ckpt is None or not ckpt.is_dir():
+        return None
+    return _read(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt)).get("data")
 
 
 def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfig, log=print) -> None:

@@ -134,6 +134,9 @@ class CheckpointSettings:
     load: str | None
     save_interval: int | None
     keep_last: int | None
+    export_hf_interval: int | None  # every N-th saved checkpoint -> <save>/hf/iter_* in the background
+    export_hf_keep: int | None
+    tokenizer_model: str | None  # for those exports; default <save>/tokenizer.model
     async_save: bool
     dist_ckpt_optim_fully_reshardable: bool
     ckpt_save_threads: int

@@ -252,15 +252,18 @@ class Trainer:
 
     count_batch(batch) -> (tokens, images, useful FLOPs) of one micro-batch, for throughput.
     save_fn(state) writes a checkpoint (None: no --save); poll_fn() runs after every step (it
-    publishes finished background checkpoint writes).
+    publishes finished background checkpoint writes); sources_fn(consumed_samples) -> what each
+    blended dataset has given, logged with each record.
     """
 
     def __init__(self, *, cfg: TrainingConfig, model, optimizer, scheduler, train_iterator: Iterator,
                  make_valid_iterator: Callable[[], Iterator] | None, count_batch, state: TrainState,
-                 save_fn=None, poll_fn=None, logger: MetricsLogger | None, device: torch.device, log=print):
+                 save_fn=None, poll_fn=None, logger: MetricsLogger | None, device: torch.device, log=print,
+                 sources_fn: Callable[[int], dict] | None = None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.make_valid_iterator, self.state, self.device, self.log = make_valid_iterator, state, device, log
         self.save_fn, self.poll_fn, self.logger = save_fn, poll_fn, logger
+        self.sources_fn = sources_fn  # consumed samples -> per-source consumption, for the log
         self.forward_step = make_forward_step(device)
         peak = mfu_peak(cfg.logging.peak_tflops)
         if device.type == "cuda":  # on a CPU there is no MFU to speak of
@@ -340,6 +343,8 @@ class Trainer:
             "no_loss_microbatches": int(self.interval_loss[2].item()),  # reduced by _global_mean
         }
         if self.logger is not None:
+            if self.sources_fn is not None:
+                record["sources"] = self.sources_fn(self.state.consumed_samples)
             self.logger.log(record, "train")
         self.interval_loss.zero_()
         self.interval_skipped = 0

@@ -311,14 +311,15 @@ def test_splits_follow_megatron_semantics():
 
 def test_split_datasets_partition_documents(corpus, tmp_path):
     prefix, streams = corpus
-    config = PackingConfig(seq_length=2048, seed=2, loss_policy="all")  # text-only documents are packed too
-    train, valid, test = build_datasets(DataBlend.parse([prefix]), config, split=DataSplit.parse("80,15,5"),
+    config = PackingConfig(seq_length=2048, seed=2)
+    # loss policy all: the text-only documents are packed too
+    train, valid, test = build_datasets(DataBlend.parse([prefix], "all"), config, split=DataSplit.parse("80,15,5"),
                                         cache_dir=tmp_path)
     ranges = split_ranges(len(streams), "80,15,5")
     for ds, (lo, hi) in zip((train, valid, test), ranges):
         docs = set(ds.index.segments[:, 0].tolist())
         assert docs == set(range(lo, hi)) - {d for d in range(lo, hi) if len(streams[d]) == 0}
-    assert build_datasets(DataBlend.parse([prefix]), config, split=DataSplit.parse("1,0,0"),
+    assert build_datasets(DataBlend.parse([prefix], "all"), config, split=DataSplit.parse("1,0,0"),
                           cache_dir=tmp_path)[1:] == [None, None]
     with pytest.raises(ValueError, match="valid split .* has no documents"):
         PackedDataset(prefix, config, split="valid", split_weights="1000,1,0")
