@@ -19,6 +19,18 @@
 //   - policy "truncate": a document that does not fit the free space of the current sample
 //     closes it and starts a new sample; a document that does not fit an empty sample keeps its
 //     longest fitting prefix and the rest is dropped.
+//   Useful pieces only: a piece (doc, start, end) is kept only when one of its positions has a
+//   target that can carry loss: a text token t of the document with start < t <= end, t < the
+//   document's length and t >= loss_start[doc] (`loss_start` encodes the loss policy: 1 when
+//   every text token trains, the first image's position + 1 under "after-first-image", the
+//   document's length when nothing can train). A document with no such token is skipped. Under
+//   "split", a useless first piece of a document that would close a non-empty sample (e.g. a
+//   lone BOS in its last position) moves the document to a fresh sample instead; a useless piece
+//   of an empty sample (a lone EOS left by a cut, or a whole sample of text before the first
+//   image) is skipped, the rest of the document continues. Under "truncate", a document whose
+//   kept prefix is useless is skipped. A skipped piece holds no target that could train, so
+//   nothing learnable is lost (the previous piece's last position already predicts its first
+//   token).
 //   An epoch's last sample is closed at the epoch's end, so epochs never share a sample; the
 //   samples of each epoch are then shuffled among themselves. Epochs are built until at least
 //   `num_samples` samples exist (at least one epoch).
@@ -100,15 +112,16 @@ struct Fit {
 class Packer {
  public:
   Packer(const int64_t* lengths, const int64_t* image_offsets, const int64_t* image_positions,
-         int64_t seq_length, int64_t tokens_per_image, int64_t max_images, bool split)
+         const int64_t* loss_start, int64_t seq_length, int64_t tokens_per_image, int64_t max_images, bool split)
       : lengths_(lengths), image_offsets_(image_offsets), image_positions_(image_positions),
-        seq_length_(seq_length), tokens_per_image_(tokens_per_image), max_images_(max_images),
+        loss_start_(loss_start), seq_length_(seq_length), tokens_per_image_(tokens_per_image), max_images_(max_images),
         split_(split) {
     sample_offsets.push_back(0);
   }
 
   void add_document(int64_t doc) {
     const int64_t length = lengths_[doc];
+    if (!useful(doc, 0, length)) return;  // empty, or nothing in it carries loss
     if (split_) {
       int64_t start = 0;
       while (start < length) {
@@ -117,17 +130,26 @@ class Packer {
           close_sample();
           continue;
         }
+        if (!useful(doc, start, f.end)) {
+          if (used_ > 0 && start == 0) {  // start the document in a fresh sample instead
+            close_sample();
+            continue;
+          }
+          start = f.end;  // nothing in this piece can train: skip it
+          continue;
+        }
         append(doc, start, f);
         if (f.end < length) close_sample();  // the remainder starts the next sample
         start = f.end;
       }
-    } else if (length > 0) {
+    } else {
       Fit f = fit(doc, 0);
       if (f.end < length && used_ > 0) {  // would not fit whole here: try a fresh sample
         close_sample();
         f = fit(doc, 0);
       }
-      append(doc, 0, f);  // f.end < length only when the document exceeds an empty sample
+      // f.end < length only when the document exceeds an empty sample
+      if (useful(doc, 0, f.end)) append(doc, 0, f);
     }
   }
 
@@ -175,6 +197,18 @@ class Packer {
     return {lengths_[doc], cost + text, images};
   }
 
+  // Does the piece [start, end) of `doc` hold a position whose target can carry loss: a text
+  // token t (not an image) with max(start + 1, loss_start) <= t <= min(end, length - 1)?
+  bool useful(int64_t doc, int64_t start, int64_t end) const {
+    const int64_t lo = std::max(start + 1, loss_start_[doc]);
+    const int64_t hi = std::min(end, lengths_[doc] - 1);
+    if (lo > hi) return false;
+    const int64_t* first = image_positions_ + image_offsets_[doc];
+    const int64_t* last = image_positions_ + image_offsets_[doc + 1];
+    const int64_t images = std::upper_bound(first, last, hi) - std::lower_bound(first, last, lo);
+    return images < hi - lo + 1;
+  }
+
   void append(int64_t doc, int64_t start, const Fit& f) {
     if (f.end <= start) throw std::logic_error("packing made no progress (inputs not validated?)");
     segments.push_back(doc);
@@ -187,6 +221,7 @@ class Packer {
   const int64_t* lengths_;
   const int64_t* image_offsets_;
   const int64_t* image_positions_;
+  const int64_t* loss_start_;
   const int64_t seq_length_, tokens_per_image_, max_images_;
   const bool split_;
   int64_t used_ = 0;    // LLM positions in the open sample
@@ -200,9 +235,10 @@ std::string str(int64_t v) { return std::to_string(v); }
 // Inputs come from a file written by another program: check them once, here, so the loops can
 // trust them. Messages are built only on failure (this runs over every image).
 void validate(const Int64Array& documents, const Int64Array& lengths, const Int64Array& image_offsets,
-              const Int64Array& image_positions, int64_t seq_length, int64_t tokens_per_image,
+              const Int64Array& image_positions, const Int64Array& loss_start, int64_t seq_length, int64_t tokens_per_image,
               int64_t max_images) {
-  if (documents.ndim() != 1 || lengths.ndim() != 1 || image_offsets.ndim() != 1 || image_positions.ndim() != 1)
+  if (documents.ndim() != 1 || lengths.ndim() != 1 || image_offsets.ndim() != 1 || image_positions.ndim() != 1 ||
+      loss_start.ndim() != 1)
     fail("packing inputs must be 1-D arrays");
   if (tokens_per_image < 1) fail("tokens_per_image must be >= 1");
   if (seq_length < tokens_per_image)
@@ -213,6 +249,9 @@ void validate(const Int64Array& documents, const Int64Array& lengths, const Int6
   const int64_t num_docs = lengths.shape(0);
   if (image_offsets.shape(0) != num_docs + 1)
     fail("doc_image_offsets must have num_documents + 1 entries, got " + str(image_offsets.shape(0)) + " for " +
+         str(num_docs) + " documents");
+  if (loss_start.shape(0) != num_docs)
+    fail("loss_start must have one entry per document, got " + str(loss_start.shape(0)) + " for " +
          str(num_docs) + " documents");
   if (documents.shape(0) == 0) fail("no documents to pack (empty split?)");
   const int64_t* len = lengths.data();
@@ -240,13 +279,13 @@ void validate(const Int64Array& documents, const Int64Array& lengths, const Int6
 
 py::dict build_packing_index(const Int64Array& documents, const Int64Array& doc_lengths,
                              const Int64Array& doc_image_offsets, const Int64Array& image_positions,
-                             int64_t seq_length, int64_t tokens_per_image, int64_t max_images_per_sample,
+                             const Int64Array& loss_start, int64_t seq_length, int64_t tokens_per_image, int64_t max_images_per_sample,
                              const std::string& policy, uint64_t seed, int64_t num_samples) {
   if (policy != "split" && policy != "truncate") fail("policy must be 'split' or 'truncate', got '" + policy + "'");
-  validate(documents, doc_lengths, doc_image_offsets, image_positions, seq_length, tokens_per_image,
+  validate(documents, doc_lengths, doc_image_offsets, image_positions, loss_start, seq_length, tokens_per_image,
            max_images_per_sample);
 
-  Packer packer(doc_lengths.data(), doc_image_offsets.data(), image_positions.data(), seq_length,
+  Packer packer(doc_lengths.data(), doc_image_offsets.data(), image_positions.data(), loss_start.data(), seq_length,
                 tokens_per_image, max_images_per_sample, policy == "split");
   std::vector<int64_t> order(documents.data(), documents.data() + documents.shape(0));
   std::vector<int64_t> epoch_offsets{0};
@@ -272,7 +311,7 @@ py::dict build_packing_index(const Int64Array& documents, const Int64Array& doc_
     }
   }
   const int64_t total = packer.num_samples();
-  if (total == 0) fail("the documents to pack are all empty");
+  if (total == 0) fail("no document to pack holds a token that carries loss (all empty, or no text where the loss policy trains)");
 
   // Shuffle each epoch's samples among themselves; training reads epoch 0 fully before epoch 1.
   std::vector<int64_t> shuffle_index(total);
@@ -340,7 +379,7 @@ py::tuple build_blending_index(py::array_t<double, py::array::c_style | py::arra
 PYBIND11_MODULE(_helpers, m) {
   m.doc() = "Packing, shuffling and blending indices for engine.data (see csrc/helpers.cpp).";
   m.def("build_packing_index", &build_packing_index, py::arg("documents"), py::arg("doc_lengths"),
-        py::arg("doc_image_offsets"), py::arg("image_positions"), py::arg("seq_length"),
+        py::arg("doc_image_offsets"), py::arg("image_positions"), py::arg("loss_start"), py::arg("seq_length"),
         py::arg("tokens_per_image"), py::arg("max_images_per_sample"), py::arg("policy"), py::arg("seed"),
         py::arg("num_samples"),
         "Pack documents into samples; returns a dict of sample_offsets [N+1], segments [M,3] "

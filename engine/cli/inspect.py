@@ -33,7 +33,8 @@ import numpy as np
 from engine.config import LLAMA_SPECIAL_TOKENS
 from engine.data.dataset import PackedDataset
 from engine.data.format import FormatError, IndexedDataset
-from engine.data.packing import POLICIES, PackingConfig
+from engine.data.blend import split_loss_suffix
+from engine.data.packing import LOSS_POLICIES, POLICIES, PackingConfig
 
 BAR_WIDTH = 40
 
@@ -317,6 +318,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packing-policy", choices=POLICIES, default="split",
                    help="documents longer than a sample: split at text positions or truncate")
     p.add_argument("--seed", type=int, default=PackingConfig.seed, help="packing shuffle seed")
+    p.add_argument("--loss-policy", choices=LOSS_POLICIES, default=LOSS_POLICIES[0],
+                   help="which text carries loss (as the training run's policy for this dataset): "
+                        "after-first-image (the seed's rule) or all; a PREFIX:all suffix says the same")
     p.add_argument("--split", default="1,0,0", help="train,valid,test proportions (default: all in train)")
     p.add_argument("--split-name", choices=("train", "valid", "test"), default="train")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -342,9 +346,10 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.prefix, loss_policy = split_loss_suffix(args.prefix, args.loss_policy)
     config = PackingConfig(seq_length=args.seq_length, tokens_per_image=args.tokens_per_image,
                            max_images_per_sample=args.max_images_per_sample, policy=args.packing_policy,
-                           seed=args.seed)
+                           seed=args.seed, loss_policy=loss_policy)
     tokenizer = None
     if args.render is not None:  # fail on a bad tokenizer before any work
         from engine.data.tokenizer import build_tokenizer

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instead of preprocessing, concatenate these datasets into --output-prefix")
     doc = p.add_argument_group("documents and images")
     doc.add_argument("--max-num-images", type=int, default=12, help="keep the first N images per document")
+    doc.add_argument("--allow-text-only", action="store_true",
+                     help="keep documents without images (a text-only corpus; train on it with the loss policy "
+                          "'all', e.g. --data-path PREFIX:all) instead of rejecting them as no_images")
     doc.add_argument("--image-size", type=int, default=336)
     doc.add_argument("--image-storage", choices=["jpeg", "raw"], default="jpeg")
     doc.add_argument("--jpeg-quality", type=int, default=95)
@@ -72,7 +75,8 @@ def _checked(args: argparse.Namespace) -> tuple[Settings, RunOptions]:
         image_root=args.image_root, text_field=args.text_field, doc_format=args.format,
         max_num_images=args.max_num_images, image_size=args.image_size, image_storage=args.image_storage,
         jpeg_quality=args.jpeg_quality, jpeg_draft=not args.no_jpeg_draft, max_image_pixels=args.max_image_pixels,
-        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
+        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+        allow_text_only=args.allow_text_only)
     options = RunOptions(workers=args.workers, docs_per_part=args.docs_per_part, on_error=args.on_error,
                          progress=not args.no_progress)
     return settings, options

@@ -6,10 +6,13 @@ A sample is built from its segments ``(doc, start, end)`` (see ``packing.py``) b
 - ``labels[t]`` is the token at position t+1 of the same document. The last position of a
   segment that stops inside its document (a split) reads one token past the segment, so no
   target is lost at a cut; at the document's end there is no target.
-- ``loss_mask[t]`` is 1 only when that target is a text token of the document that comes after
-  the document's first image (the document's, not the segment's: a continuation segment keeps
-  training on text). It is 0 for image targets, for text up to the first image, for the
-  document's last position, on padding, and so for every position of a document without images.
+- ``loss_mask[t]`` is 1 only when that target is a text token of the document that the dataset's
+  loss policy (``PackingConfig.loss_policy``) trains: under ``after-first-image`` (the seed's
+  rule, the default) text after the document's first image (the document's, not the segment's:
+  a continuation segment keeps training on text), under ``all`` every text token after the BOS.
+  It is 0 for image targets, for the document's last position, on padding, and under
+  ``after-first-image`` for text up to the first image (so for every position of a document
+  without images).
 - ``position_ids`` restart at 0 at every segment and for the padding tail; ``cu_seqlens`` holds
   the segment boundaries, the padding tail (pad id, no loss) being the last segment.
 
@@ -20,6 +23,7 @@ them, the one place that does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +32,9 @@ import numpy as np
 import torch
 
 from engine.config import LLAMA_SPECIAL_TOKENS
+from engine.data.blend import DataBlend, parse_data_path  # noqa: F401  (re-exported)
 from engine.data.format import FormatError, IndexedDataset
+from engine.data.sources import BlendOrigin
 from engine.data.packing import (PackingConfig, PackingIndex, build_blending_index, build_packing_index,
                                  dataset_identity, default_cache_dir, index_dir, load_index,
                                  load_or_build)
@@ -80,44 +86,6 @@ def split_ranges(num_documents: int, split: DataSplit | str | Sequence[float]) -
     bounds = np.round(np.cumsum([0.0] + fractions) * num_documents).astype(np.int64)
     bounds[-1] = num_documents
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
-
-
-def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float]]:
-    """Megatron's ``--data-path A`` or ``--data-path 0.7 A 0.3 B`` -> (prefixes, weights)."""
-    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
-    if len(items) == 1:
-        return items, [1.0]
-    if not items or len(items) % 2:
-        raise ValueError(f"--data-path {' '.join(items)!r}: give one prefix, or weight/prefix pairs")
-    try:
-        weights = [float(w) for w in items[0::2]]
-    except ValueError:
-        raise ValueError(f"--data-path {' '.join(items)!r}: weights must be numbers (weight prefix weight prefix ...)") from None
-    if any(not w > 0 for w in weights):
-        raise ValueError(f"--data-path {' '.join(items)!r}: weights must be positive")
-    return items[1::2], weights
-
-
-@dataclass(frozen=True)
-class DataBlend:
-    """``--data-path`` parsed once (`parse_data_path`): dataset prefixes and their weights,
-    normalised to sum to 1."""
-
-    prefixes: tuple[str, ...]
-    weights: tuple[float, ...]
-
-    @classmethod
-    def parse(cls, data_path: Sequence[str] | str) -> "DataBlend":
-        prefixes, weights = parse_data_path(data_path)
-        total = sum(weights)
-        return cls(tuple(prefixes), tuple(w / total for w in weights))
-
-    def __iter__(self):
-        """(weight, prefix) pairs."""
-        return iter(zip(self.weights, self.prefixes))
-
-    def __len__(self) -> int:
-        return len(self.prefixes)
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -226,8 +194,7 @@ class PackedDataset(torch.utils.data.Dataset):
             labels[t : t + n - 1] = expanded[1:]
             has_next = b < doc_length
             labels[t + n - 1] = stream[b - a] if has_next else self.pad_id
-            first_image_pos = positions[0] if len(positions) else doc_length  # no image: no loss
-            mask = (labels[t : t + n] != image_id) & (target > first_image_pos)
+            mask = (labels[t : t + n] != image_id) & (target >= self._loss_start(positions, doc_length))
             mask[-1] &= has_next
             loss_mask[t : t + n] = mask
             position_ids[t : t + n] = np.arange(n)
@@ -248,6 +215,12 @@ class PackedDataset(torch.utils.data.Dataset):
             "image_offsets": torch.tensor(image_offsets, dtype=torch.int64),
         }
 
+    def _loss_start(self, positions: np.ndarray, doc_length: int) -> int:
+        """The first token of a document that may be a loss-carrying target (`packing.loss_start`)."""
+        if self.config.loss_policy == "all":
+            return 1
+        return int(positions[0]) + 1 if len(positions) else doc_length  # no image: no loss
+
     def _images(self, ids: list[int]) -> torch.Tensor:
         size = self.reader.image_size
         pixels = np.empty((len(ids), size, size, 3), np.uint8)
@@ -263,14 +236,21 @@ class PackedDataset(torch.utils.data.Dataset):
 
 class BlendedDataset(torch.utils.data.Dataset):
     """Samples drawn from several datasets in proportion to their weights: sample k is sample
-    ``sample_index[k]`` of dataset ``dataset_index[k]`` (see ``packing.build_blending_index``)."""
+    ``sample_index[k]`` of dataset ``dataset_index[k]`` (see ``packing.build_blending_index``).
+
+    With an `origin` (a blend changed on resume, `engine.data.sources`), the index places samples
+    from ``origin.start`` on: sample k >= start is sample ``offsets[i] + sample_index[k - start]``
+    of dataset ``i = dataset_index[k - start]``; the samples before start were consumed under the
+    earlier blend and are not served."""
 
     def __init__(self, datasets: Sequence[torch.utils.data.Dataset], dataset_index: np.ndarray,
-                 sample_index: np.ndarray):
+                 sample_index: np.ndarray, origin: BlendOrigin | None = None):
         self.datasets, self.dataset_index, self.sample_index = list(datasets), dataset_index, sample_index
-        needed = np.bincount(np.asarray(dataset_index), minlength=len(self.datasets))
-        kinds = {(ds.reader.image_token_id, ds.reader.image_size, ds.config) for ds in self.datasets
-                 if isinstance(ds, PackedDataset)}
+        self.origin = origin or BlendOrigin(0, (0,) * len(self.datasets))
+        needed = np.bincount(np.asarray(dataset_index), minlength=len(self.datasets)) + np.array(self.origin.offsets)
+        # Each dataset may have its own loss policy; everything else about packing must agree.
+        kinds = {(ds.reader.image_token_id, ds.reader.image_size, dataclasses.replace(ds.config, loss_policy="all"))
+                 for ds in self.datasets if isinstance(ds, PackedDataset)}
         if len(kinds) > 1:
             raise ValueError(f"blended datasets disagree on (image_token_id, image_size, packing): {sorted(map(str, kinds))}")
         for ds, n in zip(self.datasets, needed.tolist()):
@@ -278,7 +258,7 @@ class BlendedDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{ds!r} has {len(ds)} samples, the blend needs {n}")
 
     def __len__(self) -> int:
-        return len(self.dataset_index)
+        return self.origin.start + len(self.dataset_index)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         part, j = self._locate(k)
@@ -290,28 +270,36 @@ class BlendedDataset(torch.utils.data.Dataset):
         return f"blend sample {k} = {where}"
 
     def _locate(self, k: int) -> tuple[torch.utils.data.Dataset, int]:
-        if not 0 <= k < len(self):
-            raise IndexError(f"sample {k} out of range [0, {len(self)})")
-        return self.datasets[int(self.dataset_index[k])], int(self.sample_index[k])
+        if not self.origin.start <= k < len(self):
+            raise IndexError(f"sample {k} out of range [{self.origin.start}, {len(self)})")
+        i = int(self.dataset_index[k - self.origin.start])
+        return self.datasets[i], self.origin.offsets[i] + int(self.sample_index[k - self.origin.start])
 
     def __repr__(self) -> str:
-        shares = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets)) / max(len(self), 1)
+        shares = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets)) / max(len(self.dataset_index), 1)
         parts = ", ".join(f"{s:.3f} x {ds!r}" for s, ds in zip(shares, self.datasets))
-        return f"BlendedDataset({len(self)} samples: {parts})"
+        start = "" if self.origin.is_zero else f", placed from sample {self.origin.start}, sources from {list(self.origin.offsets)}"
+        return f"BlendedDataset({len(self)} samples{start}: {parts})"
 
 
 def build_datasets(blend: DataBlend, config: PackingConfig, *, split: DataSplit,
                    num_samples: Sequence[int | None] = (None, None, None), pad_id: int = LLAMA_SPECIAL_TOKENS.pad,
-                   cache_dir: str | os.PathLike | None = None) -> list[torch.utils.data.Dataset | None]:
+                   cache_dir: str | os.PathLike | None = None,
+                   train_origin: BlendOrigin | None = None) -> list[torch.utils.data.Dataset | None]:
     """Train, valid and test datasets for Megatron-style ``--data-path`` and ``--split``, parsed
     (`DataBlend.parse`, `DataSplit.parse`).
 
-    Each prefix is split by documents; a blend mixes the same split of every prefix. A split is
+    Each prefix is split by documents; a blend mixes the same split of every prefix; each prefix
+    is packed under its own loss policy (``blend.loss_policies``; `config.loss_policy` is
+    replaced by it). A split is
     None when its ``--split`` share is zero or it is asked for zero samples; ``None`` samples
-    means one epoch (a blend needs a number). Under torch.distributed, rank 0 builds the indices
+    means one epoch (a blend needs a number). `train_origin` places the train blend from a later
+    sample with each source from an offset (a blend changed on resume, `engine.data.sources`);
+    a train split with an origin is a BlendedDataset even of one prefix. Under torch.distributed, rank 0 builds the indices
     first and the other ranks then read them from the cache.
     """
     prefixes, weights = list(blend.prefixes), list(blend.weights)
+    configs = [dataclasses.replace(config, loss_policy=loss) for loss in blend.loss_policies]
     shares = split.fractions
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
@@ -320,27 +308,33 @@ def build_datasets(blend: DataBlend, config: PackingConfig, *, split: DataSplit,
     out = []
     for which, name in enumerate(SPLITS):
         n = num_samples[which]
+        origin = train_origin if name == "train" and train_origin is not None and not train_origin.is_zero else None
         if shares[which] == 0 or n == 0:
             out.append(None)
-        elif len(prefixes) == 1:
-            out.append(PackedDataset(prefixes[0], config, split=name, split_weights=split, num_samples=n,
+        elif len(prefixes) == 1 and origin is None:
+            out.append(PackedDataset(prefixes[0], configs[0], split=name, split_weights=split, num_samples=n,
                                      pad_id=pad_id, cache_dir=cache_dir))
         else:
             if n is None:
                 raise ValueError(f"blending {len(prefixes)} datasets needs a number of {name} samples")
+            start, offsets = (origin.start, origin.offsets) if origin else (0, (0,) * len(prefixes))
+            if n <= start:
+                raise ValueError(f"the run has consumed {start} of its {n} {name} samples: nothing left to blend")
             params = {"kind": "blend", "datasets": [dataset_identity(p + ".idx") for p in prefixes],
-                      "weights": weights, "num_samples": int(n), "split": name, "split_weights": str(split)}
+                      "loss_policies": list(blend.loss_policies),
+                      "weights": weights, "num_samples": int(n - start), "split": name, "split_weights": str(split)}
             where = cache_dir if cache_dir is not None else default_cache_dir(prefixes[0])
 
             def build():
-                dataset_index, sample_index = build_blending_index(weights, n)
+                dataset_index, sample_index = build_blending_index(weights, n - start)
                 return {"dataset_index": dataset_index, "sample_index": sample_index}
 
             index = load_or_build(where, f"{os.path.basename(prefixes[0])}.{name}.blend", params, build)
-            counts = np.bincount(np.asarray(index["dataset_index"]), minlength=len(prefixes))
-            parts = [PackedDataset(p, config, split=name, split_weights=split, num_samples=max(int(c), 1),
-                                   pad_id=pad_id, cache_dir=cache_dir) for p, c in zip(prefixes, counts)]
-            out.append(BlendedDataset(parts, index["dataset_index"], index["sample_index"]))
+            counts = np.bincount(np.asarray(index["dataset_index"]), minlength=len(prefixes)) + np.array(offsets)
+            parts = [PackedDataset(p, cfg, split=name, split_weights=split, num_samples=max(int(c), 1),
+                                   pad_id=pad_id, cache_dir=cache_dir) for p, cfg, c in zip(prefixes, configs, counts)]
+            out.append(BlendedDataset(parts, index["dataset_index"], index["sample_index"],
+                                      origin or BlendOrigin(0, (0,) * len(prefixes))))
     if distributed and dist.get_rank() == 0:
         dist.barrier()
     return out

@@ -11,6 +11,11 @@ greedy fill rule, the per-epoch shuffles and the seeds are documented at the top
 - ``truncate``: a document that does not fit the current sample starts a new one; a document
   longer than a whole sample keeps its longest fitting prefix, the rest is dropped.
 
+Only pieces that can train are packed: a piece whose positions hold no target that carries loss
+under the dataset's loss policy (``LOSS_POLICIES``; a lone BOS left at a sample's end, a lone EOS
+left by a cut, a text-only document under ``after-first-image``) is never emitted; the rule is
+in ``csrc/helpers.cpp``. The loss policy is therefore part of the packing configuration.
+
 ``max_images_per_sample`` is a second budget next to ``seq_length``: a document with more images
 than a sample may hold is split (or truncated) before the first image that would exceed it. A
 sample must be able to hold one image, so ``seq_length < tokens_per_image`` is refused up front
@@ -46,9 +51,12 @@ log = logging.getLogger(__name__)
 
 # Bump whenever csrc/helpers.cpp would produce different arrays for the same parameters:
 # it is part of every cache key, so stale indices are never reused.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 POLICIES = ("split", "truncate")
+# Which targets of a document carry loss (engine/data/dataset.py builds the mask): the seed's
+# rule, text after the document's first image, or every text token (text-only data).
+LOSS_POLICIES = ("after-first-image", "all")
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,13 @@ class PackingConfig:
     max_images_per_sample: int | None = None  # None: only seq_length limits images
     policy: str = "split"
     seed: int = 1234
+    loss_policy: str = "after-first-image"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"packing policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.loss_policy not in LOSS_POLICIES:
+            raise ValueError(f"loss policy must be one of {LOSS_POLICIES}, got {self.loss_policy!r}")
         if self.seq_length < self.tokens_per_image:
             raise ValueError(f"seq_length {self.seq_length} cannot hold one image ({self.tokens_per_image} positions)")
         if self.max_images_per_sample is not None and self.max_images_per_sample < 1:
@@ -106,15 +117,41 @@ class PackingIndex:
         return float(self.sample_lengths.sum(dtype=np.int64)) / (len(self) * seq_length)
 
 
+def loss_start(doc_lengths: np.ndarray, doc_image_offsets: np.ndarray, image_positions: np.ndarray,
+               loss_policy: str) -> np.ndarray:
+    """int64 [D]: the first token index of each document that may be a loss-carrying target.
+    "all": 1 (every token after the BOS); "after-first-image": the first image's position + 1,
+    or the document's length when it has no image (nothing trains)."""
+    lengths = np.asarray(doc_lengths, np.int64)
+    if loss_policy == "all":
+        return np.ones(len(lengths), np.int64)
+    if loss_policy != "after-first-image":
+        raise ValueError(f"loss policy must be one of {LOSS_POLICIES}, got {loss_policy!r}")
+    offsets = np.asarray(doc_image_offsets, np.int64)
+    out = lengths.copy()
+    has = offsets[1:] > offsets[:-1]
+    out[has] = np.asarray(image_positions, np.int64)[offsets[:-1][has]] + 1
+    return out
+
+
 def build_packing_index(documents: np.ndarray, doc_lengths: np.ndarray, doc_image_offsets: np.ndarray,
                         image_positions: np.ndarray, config: PackingConfig, num_samples: int = 0) -> PackingIndex:
     """Pack `documents` (ids into the per-document arrays), epoch after epoch, until at least
-    `num_samples` samples exist (one epoch at least)."""
-    out = _helpers.build_packing_index(
-        np.asarray(documents, np.int64), np.asarray(doc_lengths, np.int64),
-        np.asarray(doc_image_offsets, np.int64), np.asarray(image_positions, np.int64),
-        config.seq_length, config.tokens_per_image, config.image_limit, config.policy, config.seed,
-        int(num_samples))
+    `num_samples` samples exist (one epoch at least), keeping only pieces that can train under
+    ``config.loss_policy``."""
+    lengths = np.asarray(doc_lengths, np.int64)
+    offsets = np.asarray(doc_image_offsets, np.int64)
+    positions = np.asarray(image_positions, np.int64)
+    try:
+        out = _helpers.build_packing_index(
+            np.asarray(documents, np.int64), lengths, offsets, positions,
+            loss_start(lengths, offsets, positions, config.loss_policy), config.seq_length,
+            config.tokens_per_image, config.image_limit, config.policy, config.seed, int(num_samples))
+    except ValueError as e:
+        if "carries loss" in str(e) and config.loss_policy == "after-first-image":
+            raise ValueError(f"{e}: under the loss policy after-first-image a document without images trains "
+                             "nothing; give this dataset the loss policy 'all' (PREFIX:all)") from None
+        raise
     return PackingIndex(**out)
 
 

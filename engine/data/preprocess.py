@@ -60,6 +60,7 @@ class Settings:
     max_image_pixels: int
     tokenizer_type: str
     tokenizer_model: str
+    allow_text_only: bool = False  # keep documents without images (text-only data, trained under loss policy "all")
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,9 @@ def process_document(source_id: int, loc: int, root: str, payload: bytes | tuple
         segments, refs = parse_document(payload, s.doc_format, s.text_field)
         stats["images_in"] = len(refs)
         segments, refs = keep_first_images(segments, refs, s.max_num_images)
-        if not refs:
-            raise DocumentError("no_images", "no image left after filtering (a document needs at least one)")
+        if not refs and not s.allow_text_only:
+            raise DocumentError("no_images", "no image left after filtering (a document needs at least one; "
+                                             "--allow-text-only keeps text-only documents)")
         images = []
         for k, ref in enumerate(refs):
             try:

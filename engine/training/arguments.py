@@ -26,6 +26,7 @@ import yaml
 
 from engine.config import PRESETS, ModelConfig, get_preset
 from engine.data.dataset import DataBlend, DataSplit
+from engine.data.packing import LOSS_POLICIES
 from engine.errors import ConfigError
 from engine.training.config import (CheckpointSettings, DataSettings, LoggingSettings, ModelSettings,
                                     OptimizerSettings, ParallelSettings, PrecisionSettings, TrainingConfig,
@@ -82,7 +83,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="dataset prefixes (<prefix>.idx/.tokens.bin/.images.bin), optionally weighted: "
-                        "[w1] p1 [w2] p2 ...")
+                        "[w1] p1 [w2] p2 ...; a prefix ending in :all or :after-first-image has that loss policy")
+    g.add_argument("--data-blend-file", default=None, metavar="FILE.yaml",
+                   help="instead of --data-path: a YAML list of {path, weight, loss} entries")
+    g.add_argument("--loss-policy", choices=list(LOSS_POLICIES), default=LOSS_POLICIES[0],
+                   help="which text carries loss, for datasets that do not say: after-first-image (the seed's "
+                        "rule: none before a document's first image) or all (every text token; text-only data)")
     g.add_argument("--split", default="969,30,1",
                    help="train,valid,test proportions of each dataset's documents (Megatron's)")
     g.add_argument("--seq-length", type=int, default=4096,
@@ -175,6 +181,14 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
                    help="resume from this directory (its latest checkpoint); may equal --save")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--export-hf-interval", type=int, default=None, metavar="N",
+                   help="export every N-th saved checkpoint to <save>/hf/iter_XXXXXXX (Hugging Face LLaVA) in a "
+                        "low-priority background process; training does not wait for it")
+    g.add_argument("--export-hf-keep", type=int, default=None, metavar="K",
+                   help="keep only the K newest Hugging Face exports")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="the SentencePiece model the data was tokenized with, written into each Hugging Face "
+                        "export (default: <save>/tokenizer.model)")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoint tensors in the background while training continues")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction, default=False,
@@ -307,7 +321,7 @@ def build_config(args: argparse.Namespace, world_size: int, check_paths: bool = 
     if args.heartbeat_timeout != 0 and args.heartbeat_timeout < 2:
         raise ConfigError(f"--heartbeat-timeout must be 0 (off) or >= 2 seconds, got {args.heartbeat_timeout:g}")
     data = _pick(DataSettings, args, data_path=tuple(args.data_path or ()),
-                 blend=_parse_data_path(args.data_path, check_paths), split=_parse_split(args.split))
+                 blend=_parse_blend(args, check_paths), split=_parse_split(args.split))
     checkpoint = _pick(CheckpointSettings, args)
     if check_paths:
         _check_checkpoint_paths(checkpoint)
@@ -436,7 +450,8 @@ def _optimizer(args: argparse.Namespace, train_iters: int) -> OptimizerSettings:
 
 
 def _check_intervals(args: argparse.Namespace) -> None:
-    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last", "max_skipped_steps"):
+    for flag in ("log_interval", "save_interval", "exit_interval", "keep_last", "max_skipped_steps",
+                 "export_hf_interval", "export_hf_keep"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -444,13 +459,18 @@ def _check_intervals(args: argparse.Namespace) -> None:
         raise ConfigError("--eval-interval and --eval-iters must be >= 0 (0 turns evaluation off)")
 
 
-def _parse_data_path(items: list[str] | None, check_paths: bool) -> DataBlend:
-    """Megatron's `p` or `w1 p1 w2 p2 ...` → the blend, weights normalised."""
-    if not items:
+def _parse_blend(args: argparse.Namespace, check_paths: bool) -> DataBlend:
+    """Megatron's `p` or `w1 p1 w2 p2 ...` (each prefix optionally `:all`), or a
+    --data-blend-file → the blend, weights normalised, a loss policy per dataset."""
+    items, blend_file = args.data_path, args.data_blend_file
+    if items and blend_file:
+        raise ConfigError("give --data-path or --data-blend-file, not both")
+    if not items and not blend_file:
         raise ConfigError("--data-path is required: one dataset prefix (or weight/prefix pairs) made by "
-                          "tools/preprocess_interleaved.py")
+                          "tools/preprocess_interleaved.py (or --data-blend-file FILE.yaml)")
     try:
-        blend = DataBlend.parse(items)
+        blend = (DataBlend.from_file(blend_file, args.loss_policy) if blend_file
+                 else DataBlend.parse(items, args.loss_policy))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for prefix in blend.prefixes:
@@ -477,5 +497,12 @@ def _check_checkpoint_paths(checkpoint: CheckpointSettings) -> None:
     # usual `--save D --load D` of a job that resumes itself); otherwise it is a typo.
     if load and not Path(load).is_dir() and (not save or Path(load).resolve() != Path(save).resolve()):
         raise ConfigError(f"--load {load}: no such directory")
+    if checkpoint.export_hf_interval:
+        if not save:
+            raise ConfigError("--export-hf-interval exports saved checkpoints: give --save too")
+        tokenizer = checkpoint.tokenizer_model or str(Path(save) / "tokenizer.model")
+        if not Path(tokenizer).exists():
+            raise ConfigError(f"--export-hf-interval needs the tokenizer the data was made with: --tokenizer-model "
+                              f"PATH ({tokenizer} not found)")
     if checkpoint.pretrained_checkpoint and not Path(checkpoint.pretrained_checkpoint).is_dir():
         raise ConfigError(f"--pretrained-checkpoint {checkpoint.pretrained_checkpoint}: no such directory")

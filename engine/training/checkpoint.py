@@ -15,6 +15,8 @@ What a checkpoint holds:
   another TP/PP layout), `optimizer`: the distributed optimizer's state (per DP shard, or in the
   model's layout to allow any TP/PP change: OPTIM_LAYOUTS), `scheduler`: the LR schedule,
 - `iteration`, `consumed_samples` (the data position: the sampler restarts there),
+- `data`: the blend, where its index starts and what each source has given (samples, images,
+  tokens, loss tokens): a resume with a changed blend continues each source from there,
 - `rng`: each rank's Python/NumPy/torch (+CUDA, + mcore tracker) RNG states, keyed by its
   (pipeline, tensor, data) coordinates; restored only when the layout is unchanged,
 - `model_config` and `layout`, checked before anything is loaded so that a checkpoint of another
@@ -345,6 +347,16 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
         _set_rng_state(loaded["rng"])
     log(f"resumed from {ckpt} (iteration {common['iteration']}, consumed samples {common['consumed_samples']})")
     return int(common["iteration"]), int(common["consumed_samples"])
+
+
+def read_data_state(root: str | Path) -> dict | None:
+    """The per-source data state of the newest checkpoint under `root` (its blend, the blend's
+    origin, each source's consumption: engine/data/sources.py); None without a checkpoint or
+    for one saved without it."""
+    ckpt = resolve_checkpoint_dir(root)
+    if ckpt is None or not ckpt.is_dir():
+        return None
+    return _read(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt)).get("data")
 
 
 def load_pretrained(path: str | Path, model, optimizer, model_config: ModelConfig, log=print) -> None:

@@ -65,7 +65,9 @@ class ParallelSettings:
 @dataclass(frozen=True)
 class DataSettings:
     data_path: tuple[str, ...]  # the flag's words, as given
-    blend: DataBlend  # --data-path, parsed
+    data_blend_file: str | None  # instead of --data-path: a YAML list of {path, weight, loss}
+    loss_policy: str  # for datasets whose entry does not name one
+    blend: DataBlend  # --data-path or --data-blend-file, parsed
     split: DataSplit  # --split, parsed
     seq_length: int
     max_num_images: int
@@ -154,6 +156,9 @@ class CheckpointSettings:
     load: str | None
     save_interval: int | None
     keep_last: int | None
+    export_hf_interval: int | None  # every N-th saved checkpoint -> <save>/hf/iter_* in the background
+    export_hf_keep: int | None
+    tokenizer_model: str | None  # for those exports; default <save>/tokenizer.model
     async_save: bool
     dist_ckpt_optim_fully_reshardable: bool
     ckpt_save_threads: int
@@ -219,6 +224,7 @@ class TrainingConfig:
             num_microbatches=self.num_microbatches,
             model_config=dataclasses.asdict(self.model_config),
             data_blend=list(blend),
+            data_loss_policies=list(blend.loss_policies),
             split_fractions=list(split.fractions),
         )
         return out

@@ -61,7 +61,10 @@ def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     mask = loss_mask.float()
     loss_sum = (per_token_loss.float() * mask).sum()
     num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    tokens = mask.sum().detach()
+    # [loss sum, supervised tokens, 1 for a micro-batch without any]: a micro-batch with no loss
+    # token adds 0 to both sums (never a 0/0) and is counted.
+    report = torch.stack([loss_sum.detach(), tokens, (tokens == 0).float()])
     return loss_sum, num_tokens, {"lm loss": report}
 
 
@@ -85,16 +88,20 @@ def make_forward_step(device: torch.device) -> Callable:
 
 
 def _sum_reports(losses_reduced: list, device: torch.device) -> torch.Tensor:
-    """[loss sum, tokens] over this rank's micro-batches (zeros off the last pipeline stage)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    """[loss sum, tokens, micro-batches without loss tokens] over this rank's micro-batches
+    (zeros off the last pipeline stage)."""
+    total = torch.zeros(3, dtype=torch.float64, device=device)
     for report in losses_reduced:
         total += report["lm loss"].to(torch.float64)
     return total
 
 
-def _global_mean(total: torch.Tensor) -> float:
+def _global_mean(total: torch.Tensor) -> float | None:
+    """The mean token loss over the data-parallel ranks (`total` is reduced in place); None when
+    no token carried loss."""
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    loss, tokens = total[:2].tolist()
+    return loss / tokens if tokens else None
 
 
 # --------------------------------------------------------------------------- one step
@@ -152,8 +159,8 @@ def _agree(total: torch.Tensor, model, wants_stop: bool, device: torch.device) -
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step. `loss` is [masked loss sum, supervised tokens] over this rank's
-    micro-batches (zeros off the last pipeline stage)."""
+    """One optimizer step. `loss` is [masked loss sum, supervised tokens, micro-batches without
+    supervised tokens] over this rank's micro-batches (zeros off the last pipeline stage)."""
 
     loss: torch.Tensor
     grad_norm: float | None  # None when the step was not finite
@@ -187,7 +194,7 @@ def evaluate(forward_step, make_valid_iterator: Callable[[], Iterator], model, c
     (the same batches every time, so evaluations are comparable and resume-exact)."""
     model.eval()
     iterator = make_valid_iterator()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(3, dtype=torch.float64, device=device)
     for _ in range(cfg.training.eval_iters):
         total += _sum_reports(_forward_backward(forward_step, iterator, model, cfg, forward_only=True), device)
     model.train()
@@ -245,15 +252,18 @@ class Trainer:
 
     count_batch(batch) -> (tokens, images, useful FLOPs) of one micro-batch, for throughput.
     save_fn(state) writes a checkpoint (None: no --save); poll_fn() runs after every step (it
-    publishes finished background checkpoint writes).
+    publishes finished background checkpoint writes); sources_fn(consumed_samples) -> what each
+    blended dataset has given, logged with each record.
     """
 
     def __init__(self, *, cfg: TrainingConfig, model, optimizer, scheduler, train_iterator: Iterator,
                  make_valid_iterator: Callable[[], Iterator] | None, count_batch, state: TrainState,
-                 save_fn=None, poll_fn=None, logger: MetricsLogger | None, device: torch.device, log=print):
+                 save_fn=None, poll_fn=None, logger: MetricsLogger | None, device: torch.device, log=print,
+                 sources_fn: Callable[[int], dict] | None = None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.make_valid_iterator, self.state, self.device, self.log = make_valid_iterator, state, device, log
         self.save_fn, self.poll_fn, self.logger = save_fn, poll_fn, logger
+        self.sources_fn = sources_fn  # consumed samples -> per-source consumption, for the log
         self.forward_step = make_forward_step(device)
         peak = mfu_peak(cfg.logging.peak_tflops)
         if device.type == "cuda":  # on a CPU there is no MFU to speak of
@@ -264,7 +274,7 @@ class Trainer:
         self.world = torch.distributed.get_world_size()
         self.signal: StopSignal | None = None
         self.last_saved = state.iteration
-        self.interval_loss = torch.zeros(2, dtype=torch.float64, device=device)  # since the last log line
+        self.interval_loss = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log line
         self.interval_skipped = 0
         self.bad_streak = 0  # consecutive steps with a non-finite loss or gradients
         self.stop_vote: str | None = None  # why this rank voted to stop in the current step
@@ -330,8 +340,11 @@ class Trainer:
             **self.meter.summary(self.dp_group, self.world, self.device),
             "peak_mem_gib": _max_over_ranks(peak_memory_gib(self.device), self.device),
             "skipped": self.interval_skipped,
+            "no_loss_microbatches": int(self.interval_loss[2].item()),  # reduced by _global_mean
         }
         if self.logger is not None:
+            if self.sources_fn is not None:
+                record["sources"] = self.sources_fn(self.state.consumed_samples)
             self.logger.log(record, "train")
         self.interval_loss.zero_()
         self.interval_skipped = 0

@@ -303,12 +303,25 @@ _FORMATS = [
     ("tokens_per_s", "tokens/s {:.0f}"), ("images_per_s", "images/s {:.2f}"),
     ("tflops_per_gpu", "TFLOP/s/GPU {:.2f}"), ("mfu", "MFU {:.2%}"), ("peak_mem_gib", "peak mem {:.2f} GiB"),
     ("data_wait_frac", "data wait {:.1%}"), ("skipped", "skipped {}"),
+    ("no_loss_microbatches", "no-loss micro-batches {}"),
 ]
+_WHEN_NONZERO = {"no_loss_microbatches"}  # worth a word only when it happens
 
 
 def format_record(record: dict, prefix: str) -> str:
     parts = [prefix]
     for key, fmt in _FORMATS:
-        if record.get(key) is not None:
+        if record.get(key) is not None and (key not in _WHEN_NONZERO or record[key]):
             parts.append(fmt.format(record[key]))
+    if record.get("sources"):
+        parts.append(format_sources(record["sources"]))
     return " | ".join(parts)
+
+
+def format_sources(sources: dict) -> str:
+    """Per-source consumption, compact: ``textbook 30 smp 84 img 41k tok | wiki:all 10 smp ...``."""
+    def short(n: float) -> str:
+        return f"{n / 1e9:.1f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:.0f}"
+
+    return "sources " + ", ".join(f"{name} {short(v['samples'])} smp {short(v['images'])} img {short(v['loss_tokens'])} "
+                                  f"loss-tok" for name, v in sources.items())

@@ -140,12 +140,10 @@ def check_data(cfg: TrainingConfig) -> None:
                               f"tools/preprocess_interleaved.py --max-num-images {max_images}")
 
 
-def build_data(cfg: TrainingConfig, consumed_samples: int):
-    """(train iterator from `consumed_samples`, factory of fresh validation iterators or None)."""
-    from megatron.core import parallel_state
-
+def build_train_valid(cfg: TrainingConfig, train_origin=None):
+    """(train dataset, valid dataset or None); `train_origin` places the train blend from a later
+    sample (a blend changed on resume: engine/data/sources.py)."""
     from engine.data.dataset import build_datasets
-    from engine.data.loader import build_loader
     from engine.data.packing import PackingConfig
 
     data = cfg.data
@@ -159,10 +157,22 @@ def build_data(cfg: TrainingConfig, consumed_samples: int):
     try:
         train_ds, valid_ds, _ = build_datasets(
             data.blend, packing, split=data.split, num_samples=cfg.num_samples(),
-            pad_id=data.pad_id, cache_dir=data.data_cache_path)
+            pad_id=data.pad_id, cache_dir=data.data_cache_path, train_origin=train_origin)
     except ValueError as e:  # e.g. a --split share that gets no documents of a small dataset
         raise ConfigError(f"--data-path / --split: {e}") from None
     _print_rank0(f"train data: {train_ds!r}\nvalid data: {valid_ds!r}")
+    return train_ds, valid_ds
+
+
+def build_data(cfg: TrainingConfig, consumed_samples: int, datasets=None):
+    """(train iterator from `consumed_samples`, factory of fresh validation iterators or None),
+    over `datasets` (train, valid) or those `build_train_valid` makes."""
+    from megatron.core import parallel_state
+
+    from engine.data.loader import build_loader
+
+    data = cfg.data
+    train_ds, valid_ds = datasets if datasets is not None else build_train_valid(cfg)
     loader = partial(build_loader, micro_batch_size=cfg.training.micro_batch_size,
                      data_parallel_rank=parallel_state.get_data_parallel_rank(),
                      data_parallel_size=parallel_state.get_data_parallel_world_size(),
@@ -208,8 +218,12 @@ def run(cfg: TrainingConfig, device: torch.device, started: float) -> int:
                  f"{'bf16' if cfg.precision.bf16 else 'fp32'} on {device}")
 
     state = _initial_state(cfg, model, optimizer, scheduler, TrainState())
-    train_iter, make_valid = build_data(cfg, state.consumed_samples)
-    saver, save_fn = _saver(cfg, model, optimizer, scheduler)
+    train_ds, valid_ds, sources = _data_with_sources(cfg, state.consumed_samples)
+    train_iter, make_valid = build_data(cfg, state.consumed_samples, datasets=(train_ds, valid_ds))
+    saver, save_fn = _saver(cfg, model, optimizer, scheduler, sources)
+    exporter = _exporter(cfg)
+    if exporter is not None:
+        save_fn = _then(save_fn, exporter.poll)
     logger = None
     if is_logging_rank():
         log = cfg.logging
@@ -220,11 +234,14 @@ def run(cfg: TrainingConfig, device: torch.device, started: float) -> int:
     try:
         state = Trainer(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                         train_iterator=train_iter, make_valid_iterator=make_valid, count_batch=batch_counter(cfg),
-                        state=state, save_fn=save_fn, poll_fn=saver.finalize if saver else None, logger=logger,
-                        device=device, log=_print_rank0).train()
+                        state=state, save_fn=save_fn, logger=logger,
+                        poll_fn=_then(saver.finalize, exporter.poll) if exporter else saver.finalize if saver else None,
+                        device=device, log=_print_rank0, sources_fn=sources.at).train()
     finally:
         if saver is not None:
             saver.close()
+        if exporter is not None:
+            exporter.close()
         if logger is not None:
             logger.close()
     _print_rank0(f"done: iteration {state.iteration}, consumed samples {state.consumed_samples}"
@@ -249,8 +266,45 @@ def _initial_state(cfg: TrainingConfig, model, optimizer, scheduler, state):
     return state
 
 
-def _saver(cfg: TrainingConfig, model, optimizer, scheduler):
-    """(checkpoint Saver, save_fn(state)), both None without --save."""
+def _then(first, second):
+    """A function that calls `first` with its arguments, then `second()`."""
+    def both(*args, **kwargs):
+        first(*args, **kwargs)
+        second()
+
+    return both
+
+
+def _exporter(cfg: TrainingConfig):
+    """Rank 0's background Hugging Face exporter (--export-hf-interval), else None."""
+    c = cfg.checkpoint
+    if not c.export_hf_interval or torch.distributed.get_rank() != 0:
+        return None
+    from pathlib import Path
+
+    from engine.training.hf_export import HfExporter
+
+    tokenizer = c.tokenizer_model or str(Path(c.save) / "tokenizer.model")
+    return HfExporter(c.save, c.export_hf_interval, c.export_hf_keep, tokenizer, log=_print_rank0)
+
+
+def _data_with_sources(cfg: TrainingConfig, consumed_samples: int):
+    """(train dataset, valid dataset, SourceCounter): the train blend placed where the checkpoint
+    left each source when the blend changed since (one line says so), else as it was saved."""
+    from engine.data.sources import SourceCounter, plan_origin
+    from engine.training import checkpoint as ckpt
+
+    saved = ckpt.read_data_state(cfg.checkpoint.load) if cfg.checkpoint.load and consumed_samples else None
+    origin, line = plan_origin(cfg.data.blend, saved, consumed_samples)
+    if line:
+        _print_rank0(line)
+    train_ds, valid_ds = build_train_valid(cfg, origin)
+    return train_ds, valid_ds, SourceCounter(train_ds, cfg.data.blend)
+
+
+def _saver(cfg: TrainingConfig, model, optimizer, scheduler, sources=None):
+    """(checkpoint Saver, save_fn(state)), both None without --save. `sources` (a SourceCounter)
+    puts the per-source data state into each checkpoint."""
     from engine.training.saver import Saver
 
     c = cfg.checkpoint
@@ -261,7 +315,8 @@ def _saver(cfg: TrainingConfig, model, optimizer, scheduler):
                        threads=c.ckpt_save_threads)
     run_args = cfg.to_dict()
     return saver, lambda s: saver.save(s.iteration, model, optimizer, scheduler, s.consumed_samples,
-                                       cfg.model_config, run_args)
+                                       cfg.model_config, run_args,
+                                       data_state=sources.data_state(s.consumed_samples) if sources else None)
 
 
 if __name__ == "__main__":

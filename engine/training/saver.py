@@ -72,7 +72,7 @@ class Saver:
         return strategy
 
     def save(self, iteration: int, model, optimizer, scheduler, consumed_samples: int,
-             model_config: ModelConfig, args_dict: dict | None = None) -> None:
+             model_config: ModelConfig, args_dict: dict | None = None, data_state: dict | None = None) -> None:
         start = time.perf_counter()
         self.finalize(blocking=True)  # never two saves in flight
         agreement = _Agreement(self, iteration)
@@ -95,6 +95,7 @@ class Saver:
                 kernels=_unwrap(model).kernels.as_dict(),
                 args=args_dict or {},
                 adam_steps=_adam_steps(optimizer),
+                data=data_state,  # the blend and what each source gave (engine/data/sources.py)
             )
             # Always as a request, so that its write and its finalisation are phases of their own.
             request = dist_checkpointing.save(state, str(agreement.tmp), sharded_strategy=self._strategy(),

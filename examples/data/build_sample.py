@@ -7,6 +7,7 @@
 Outputs (all under examples/data/):
   textbook_sample.jsonl   lecture-like documents in the Multimodal-Textbook / OBELICS layout
   mmc4_sample.json        a JSON list of MMC4-layout documents using the same photographs
+  text_sample.jsonl       text-only documents (the lectures' transcripts, no images) for blends
   images/                 the photographs as JPEG at native size (plus a few keyframe crops)
   bad/bad.jsonl, bad/images/   deliberately broken input for the error report
 
@@ -513,6 +514,24 @@ def write_bad(gcide: Gcide) -> None:
     (bad / "bad.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def text_only_documents(lectures: list[dict], count: int = 12) -> list[dict]:
+    """The transcripts of the first `count` lectures without their keyframes: a text-only corpus
+    in the OBELICS layout (every ``images`` entry null), as blended in to keep language skills."""
+    out = []
+    for doc in lectures[:count]:
+        texts = [t for t in doc["texts"] if t is not None]
+        meta = doc["general_metadata"]
+        out.append({"images": [None] * len(texts), "texts": texts,
+                    "general_metadata": {"id": meta["id"] + "-text", "title": meta["title"]}})
+    return out
+
+
+def write_text_only(lectures: list[dict]) -> None:
+    with open(HERE / "text_sample.jsonl", "w", encoding="utf-8") as f:
+        for doc in text_only_documents(lectures):
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     import mistral_common
     import sentencepiece
@@ -528,6 +547,7 @@ def main() -> None:
     with open(HERE / "textbook_sample.jsonl", "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    write_text_only(docs)
     mmc4 = build_mmc4(gcide)
     # a JSON list (not JSONL) so that both input layouts are exercised; one document per line
     (HERE / "mmc4_sample.json").write_text(

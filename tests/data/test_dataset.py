@@ -163,6 +163,7 @@ def test_samples_match_reference(corpus, tokenizer, tmp_path, policy):
     ds = PackedDataset(prefix, PackingConfig(seq_length=seq, policy=policy, seed=5), split_weights="1,0,0",
                        cache_dir=tmp_path)
     seen = {d: np.zeros(len(s), int) for d, s in enumerate(streams)}
+    targeted = {d: np.zeros(len(s) + 1, int) for d, s in enumerate(streams)}
     pics = photos()
     for k in range(len(ds)):
         segments = ds.index.segments_of(k).tolist()
@@ -170,6 +171,7 @@ def test_samples_match_reference(corpus, tokenizer, tmp_path, policy):
         check_sample(sample, streams, segments, tokenizer.image_token_id, seq)
         for d, a, b in segments:
             seen[d][a:b] += 1
+            targeted[d][a + 1:b + 1] += 1
         if k < 6:  # pixels: the stored photos in order of appearance, as stored (raw storage: exact)
             expect = []
             for d, a, b in segments:
@@ -179,8 +181,14 @@ def test_samples_match_reference(corpus, tokenizer, tmp_path, policy):
                 expect += [pics[(before + j) % len(pics)] for j in range(n)]
             if expect:
                 assert torch.equal(sample["images"], torch.from_numpy(np.stack(expect)))
-    if policy == "split":  # one epoch covers every token of every document once
-        assert all(np.all(v == 1) for v in seen.values())
+    if policy == "split":  # one epoch: every token at most once, every target that trains exactly once
+        assert all(np.all(v <= 1) for v in seen.values())
+        for d, stream in enumerate(streams):
+            images = np.flatnonzero(stream == tokenizer.image_token_id)
+            trains = np.zeros(len(stream), bool)
+            trains[images[0] + 1 if len(images) else len(stream):] = True
+            trains[images] = False
+            assert np.all(targeted[d][:-1][trains] == 1), d
 
 
 def test_loss_mask_on_hand_built_documents(tmp_path, tokenizer):
@@ -197,15 +205,13 @@ def test_loss_mask_on_hand_built_documents(tmp_path, tokenizer):
     sample = ds[0]
     cu = sample["cu_seqlens"].tolist()
     order = [int(d) for d, _, _ in ds.index.segments_of(0)]
+    assert sorted(order) == [0, 2]  # doc 1 has no image: nothing of it trains, it is not packed
     for (lo, hi), d in zip(zip(cu, cu[1:]), order):
         toks, labels = sample["tokens"][lo:hi], sample["labels"][lo:hi]
         mask, pos = sample["loss_mask"][lo:hi], sample["position_ids"][lo:hi]
         assert pos.tolist() == list(range(hi - lo))  # position ids restart per document
         assert toks[0] == tokenizer.bos_id
         stream = streams[d].tolist()
-        if d == 1:
-            assert mask.sum() == 0  # no image, no loss
-            continue
         first = (toks == image_id).nonzero()[0].item()  # first image position (LLM coordinates)
         assert mask[:first].sum() == 0  # text before the first image, and the token predicting it
         assert torch.all(mask[labels == image_id] == 0)  # image positions as targets
@@ -222,6 +228,31 @@ def test_loss_mask_on_hand_built_documents(tmp_path, tokenizer):
     tail = slice(cu[-2], cu[-1])
     assert sample["tokens"][tail].eq(0).all() and sample["loss_mask"][tail].eq(0).all()
     assert sample["position_ids"][tail].tolist() == list(range(cu[-1] - cu[-2]))
+
+
+def test_loss_policy_all_trains_every_text_token(tmp_path, tokenizer):
+    docs = [["Text before the first picture trains too.", None, "The astronaut smiles."],
+            ["A document without any picture trains under this policy."]]
+    streams = write_corpus(tmp_path / "all", tokenizer, docs)
+    image_id = tokenizer.image_token_id
+    ds = PackedDataset(tmp_path / "all", PackingConfig(seq_length=4096, seed=0, loss_policy="all"),
+                       split_weights="1,0,0", cache=False)
+    sample = ds[0]
+    cu = sample["cu_seqlens"].tolist()
+    order = [int(d) for d, _, _ in ds.index.segments_of(0)]
+    assert sorted(order) == [0, 1]
+    for (lo, hi), d in zip(zip(cu, cu[1:]), order):
+        labels, mask = sample["labels"][lo:hi], sample["loss_mask"][lo:hi]
+        want = (labels != image_id).float()
+        want[-1] = 0  # the EOS predicts nothing
+        assert torch.equal(mask, want)
+        n_text = sum(1 for t in streams[d].tolist()[1:] if t != image_id)  # every token after the BOS
+        assert mask.sum() == n_text
+    # The same documents under the seed's rule: only the text after doc 0's image.
+    seed_rule = PackedDataset(tmp_path / "all", PackingConfig(seq_length=4096, seed=0), split_weights="1,0,0",
+                              cache=False)
+    stream = streams[0].tolist()
+    assert seed_rule[0]["loss_mask"].sum() == len(stream) - stream.index(image_id) - 1
 
 
 def test_split_document_keeps_its_targets_and_mask(tmp_path, tokenizer):
@@ -247,9 +278,10 @@ def test_split_document_keeps_its_targets_and_mask(tmp_path, tokenizer):
         if s > first:  # a continuation after the first image: every text target trains
             text_targets = sample["labels"][: n - (e == len(stream))] != image_id
             assert torch.all(sample["loss_mask"][: n - (e == len(stream))] == text_targets.float())
-        if e <= first:  # the opening text, cut before the image: nothing trains
-            assert sample["loss_mask"].sum() == 0
-    assert starts[1] == first  # the cut happens right before the image, which opens the next sample
+        assert sample["loss_mask"].sum() > 0  # every packed piece trains something
+    # The opening text would have been cut right before the image, which opens the next sample;
+    # under the seed's rule that piece trains nothing, so it is not packed at all.
+    assert starts[0] == first
 
 
 def test_truncate_reads_the_next_token(tmp_path, tokenizer):
@@ -280,13 +312,14 @@ def test_splits_follow_megatron_semantics():
 def test_split_datasets_partition_documents(corpus, tmp_path):
     prefix, streams = corpus
     config = PackingConfig(seq_length=2048, seed=2)
-    train, valid, test = build_datasets(DataBlend.parse([prefix]), config, split=DataSplit.parse("80,15,5"),
+    # loss policy all: the text-only documents are packed too
+    train, valid, test = build_datasets(DataBlend.parse([prefix], "all"), config, split=DataSplit.parse("80,15,5"),
                                         cache_dir=tmp_path)
     ranges = split_ranges(len(streams), "80,15,5")
     for ds, (lo, hi) in zip((train, valid, test), ranges):
         docs = set(ds.index.segments[:, 0].tolist())
         assert docs == set(range(lo, hi)) - {d for d in range(lo, hi) if len(streams[d]) == 0}
-    assert build_datasets(DataBlend.parse([prefix]), config, split=DataSplit.parse("1,0,0"),
+    assert build_datasets(DataBlend.parse([prefix], "all"), config, split=DataSplit.parse("1,0,0"),
                           cache_dir=tmp_path)[1:] == [None, None]
     with pytest.raises(ValueError, match="valid split .* has no documents"):
         PackedDataset(prefix, config, split="valid", split_weights="1000,1,0")

@@ -1,6 +1,8 @@
 """The C++ packing and blending indices against a plain-Python reference, plus their invariants
 and the on-disk cache."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -40,8 +42,19 @@ def ref_shuffle(items, rng):
         items[i], items[j] = items[j], items[i]
 
 
-def ref_pack(documents, lengths, image_offsets, image_positions, seq, tpi, max_images, policy, seed, num_samples):
+def ref_loss_start(d, lengths, images, loss_policy):
+    if loss_policy == "all":
+        return 1
+    return min(images[d]) + 1 if images[d] else lengths[d]
+
+
+def ref_pack(documents, lengths, image_offsets, image_positions, seq, tpi, max_images, policy, seed, num_samples,
+             loss_policy="after-first-image"):
     images = [set(image_positions[image_offsets[d]:image_offsets[d + 1]].tolist()) for d in range(len(lengths))]
+
+    def useful(d, start, end):  # a text target t with start < t <= end, t < length, t >= the loss start
+        lo = max(start + 1, ref_loss_start(d, lengths, images, loss_policy))
+        return any(t not in images[d] for t in range(lo, min(end, lengths[d] - 1) + 1))
     samples, lengths_out, current = [], [], []
     state = {"used": 0, "images": 0}
 
@@ -73,6 +86,8 @@ def ref_pack(documents, lengths, image_offsets, image_positions, seq, tpi, max_i
         perm = [int(d) for d in documents]
         ref_shuffle(perm, Rng(seed, 2 * epoch))
         for d in perm:
+            if not useful(d, 0, lengths[d]):
+                continue
             if policy == "split":
                 start = 0
                 while start < lengths[d]:
@@ -80,16 +95,23 @@ def ref_pack(documents, lengths, image_offsets, image_positions, seq, tpi, max_i
                     if end == start:
                         close()
                         continue
+                    if not useful(d, start, end):
+                        if current and start == 0:
+                            close()
+                        else:
+                            start = end
+                        continue
                     add(d, start, end, cost, n)
                     if end < lengths[d]:
                         close()
                     start = end
-            elif lengths[d] > 0:
+            else:
                 end, cost, n = fit(d, 0)
                 if end < lengths[d] and current:
                     close()
                     end, cost, n = fit(d, 0)
-                add(d, 0, end, cost, n)
+                if useful(d, 0, end):
+                    add(d, 0, end, cost, n)
         close()
         lo, hi = epoch_offsets[-1], len(samples)
         epoch_offsets.append(hi)
@@ -142,8 +164,18 @@ def random_case(seed):
         lengths[documents[0]] = 1
     max_images = None if rng.random() < 0.4 else int(rng.integers(1, 4))
     config = PackingConfig(seq_length=seq, tokens_per_image=tpi, max_images_per_sample=max_images,
-                           policy=str(rng.choice(["split", "truncate"])), seed=int(rng.integers(0, 2**63)))
+                           policy=str(rng.choice(["split", "truncate"])), seed=int(rng.integers(0, 2**63)),
+                           loss_policy=str(rng.choice(["after-first-image", "all"])))
+    if not any(ref_useful_document(d, lengths, offsets, positions, config.loss_policy) for d in documents):
+        config = dataclasses.replace(config, loss_policy="all")
+        lengths[documents[0]] = max(lengths[documents[0]], 2)
     return documents, lengths, offsets, positions, config, int(rng.integers(0, 60))
+
+
+def ref_useful_document(d, lengths, offsets, positions, loss_policy):
+    imgs = set(positions[offsets[d]:offsets[d + 1]].tolist())
+    lo = ref_loss_start(d, lengths, [imgs] * (d + 1), loss_policy)
+    return any(t not in imgs for t in range(lo, lengths[d]))
 
 
 def cost_of(segment, offsets, positions, tpi):
@@ -158,19 +190,32 @@ def test_cpp_matches_python_reference(seed):
     documents, lengths, offsets, positions, config, num_samples = random_case(seed)
     got = build_packing_index(documents, lengths, offsets, positions, config, num_samples)
     want = ref_pack(documents, lengths, offsets, positions, config.seq_length, config.tokens_per_image,
-                    config.image_limit, config.policy, config.seed, num_samples)
+                    config.image_limit, config.policy, config.seed, num_samples, config.loss_policy)
     for name in want:
         np.testing.assert_array_equal(getattr(got, name), want[name], err_msg=f"{name} (seed {seed})")
 
 
+def trainable_targets(d, lengths, offsets, positions, loss_policy):
+    """bool [length]: token t of document d is a target that carries loss under the policy."""
+    out = np.zeros(lengths[d], bool)
+    imgs = positions[offsets[d]:offsets[d + 1]]
+    lo = 1 if loss_policy == "all" else (imgs[0] + 1 if len(imgs) else lengths[d])
+    out[lo:lengths[d]] = True
+    out[imgs] = False
+    return out
+
+
+@pytest.mark.parametrize("loss_policy", ["after-first-image", "all"])
 @pytest.mark.parametrize("policy", ["split", "truncate"])
 @pytest.mark.parametrize("seed", range(8))
-def test_invariants(policy, seed):
+def test_invariants(policy, seed, loss_policy):
     rng = np.random.default_rng(100 + seed)
     tpi = 576
     lengths, offsets, positions = random_corpus(rng, 200, 2500, 0.002)
     documents = np.arange(len(lengths))
-    config = PackingConfig(seq_length=2048, tokens_per_image=tpi, max_images_per_sample=3, policy=policy, seed=seed)
+    config = PackingConfig(seq_length=2048, tokens_per_image=tpi, max_images_per_sample=3, policy=policy, seed=seed,
+                           loss_policy=loss_policy)
+    trainable = {d: trainable_targets(d, lengths, offsets, positions, loss_policy) for d in documents}
     index = build_packing_index(documents, lengths, offsets, positions, config, num_samples=1)
     wanted = len(index) * 2 + 1
     index3 = build_packing_index(documents, lengths, offsets, positions, config, num_samples=wanted)
@@ -185,6 +230,7 @@ def test_invariants(policy, seed):
         lo, hi = index3.epoch_offsets[e], index3.epoch_offsets[e + 1]
         assert sorted(index3.shuffle[lo:hi].tolist()) == list(range(lo, hi))  # a permutation per epoch
         covered = {d: np.zeros(lengths[d], int) for d in documents}
+        targeted = {d: np.zeros(lengths[d], int) for d in documents}
         for s in range(lo, hi):
             segs = index3.segments[index3.sample_offsets[s]:index3.sample_offsets[s + 1]]
             assert len(segs) > 0
@@ -195,10 +241,15 @@ def test_invariants(policy, seed):
             for d, a, b in segs:
                 assert 0 <= a < b <= lengths[d]
                 covered[d][a:b] += 1
+                targeted[d][a + 1:b + 1] += 1  # the targets of the segment's positions
+                assert trainable[d][a + 1:b + 1].any(), (d, a, b)  # no segment without a useful token
         for d in documents:
-            if policy == "split":  # every token exactly once per epoch
-                assert np.all(covered[d] == 1), d
-            elif lengths[d]:  # one prefix per epoch; the whole document when it fits a sample
+            if not trainable[d].any():  # nothing could train: never packed
+                assert not covered[d].any(), d
+            elif policy == "split":  # every token at most once, every trainable target exactly once
+                assert np.all(covered[d] <= 1), d
+                assert np.all(targeted[d][trainable[d]] == 1), d
+            else:  # one prefix per epoch; the whole document when it fits a sample
                 first_gap = np.flatnonzero(covered[d] == 0)
                 kept = first_gap[0] if len(first_gap) else lengths[d]
                 assert np.all(covered[d][:kept] == 1) and np.all(covered[d][kept:] == 0)
@@ -213,18 +264,46 @@ def test_split_never_cuts_inside_image_budget_and_images_stay_whole():
     lengths = np.array([1500 + 1 + 100])
     offsets = np.array([0, 1])
     positions = np.array([1500])
-    config = PackingConfig(seq_length=2048, policy="split", seed=0)
+    config = PackingConfig(seq_length=2048, policy="split", seed=0, loss_policy="all")
     index = build_packing_index([0], lengths, offsets, positions, config)
     segs = [index.segments[index.sample_offsets[s]:index.sample_offsets[s + 1]].tolist() for s in range(len(index))]
     assert sorted(segs) == [[[0, 0, 1500]], [[0, 1500, 1601]]]
     assert sorted(index.sample_lengths.tolist()) == [576 + 100, 1500]
+    # Under the seed's rule the first piece (text before the first image) trains nothing: dropped.
+    seed_rule = build_packing_index([0], lengths, offsets, positions, dataclasses.replace(config, loss_policy="after-first-image"))
+    assert seed_rule.segments.tolist() == [[0, 1500, 1601]]
+
+
+def test_split_never_leaves_a_lone_bos_or_eos():
+    # Doc 0 fills 1023 of 1024 positions; doc 1 (10 text, an image, 500 text tokens) would leave
+    # only its BOS in the last position, which trains nothing under the seed's rule: doc 1 starts
+    # the next sample instead.
+    config = PackingConfig(seq_length=1024, tokens_per_image=8, policy="split", seed=0)
+    index = build_packing_index([0, 1], np.array([1023, 512]), np.array([0, 1, 2]), np.array([5, 10]), config)
+    segments = [tuple(s) for s in index.segments.tolist()]
+    assert all(b - a > 1 for _, a, b in segments) and (1, 0, 512) in segments, segments
+    # A cut that would leave only the EOS (no target) drops that piece: 1017 tokens + 7 more for
+    # the image fill the sample, token 1017 (the EOS) is already the last position's target.
+    for loss_policy in ("after-first-image", "all"):
+        one = build_packing_index([0], np.array([1018]), np.array([0, 1]), np.array([3]),
+                                  dataclasses.replace(config, loss_policy=loss_policy))
+        assert one.segments.tolist() == [[0, 0, 1017]]
+
+
+def test_text_only_documents_pack_only_under_loss_all():
+    lengths, offsets, positions = np.array([40, 30]), np.array([0, 1, 1]), np.array([3])
+    seed_rule = build_packing_index([0, 1], lengths, offsets, positions, PackingConfig(seq_length=1024, seed=0))
+    assert sorted(seed_rule.segments[:, 0].tolist()) == [0]  # doc 1 (no image) trains nothing: skipped
+    everything = build_packing_index([0, 1], lengths, offsets, positions,
+                                     PackingConfig(seq_length=1024, seed=0, loss_policy="all"))
+    assert sorted(everything.segments[:, 0].tolist()) == [0, 1]
 
 
 def test_truncate_keeps_longest_prefix_and_starts_new_sample():
     lengths = np.array([3000, 10, 10])
     offsets = np.array([0, 1, 1, 1])
     positions = np.array([5])
-    config = PackingConfig(seq_length=1024, policy="truncate", seed=3)
+    config = PackingConfig(seq_length=1024, policy="truncate", seed=3, loss_policy="all")  # docs 1, 2: text only
     index = build_packing_index([0, 1, 2], lengths, offsets, positions, config)
     segs = sorted(tuple(map(tuple, index.segments[index.sample_offsets[s]:index.sample_offsets[s + 1]]))
                   for s in range(len(index)))
@@ -243,6 +322,8 @@ def test_bad_inputs_raise_clear_errors():
         build_packing_index([], np.array([5]), np.array([0, 0]), np.array([], np.int64), config)
     with pytest.raises(ValueError, match="all empty"):
         build_packing_index([0], np.array([0]), np.array([0, 0]), np.array([], np.int64), config)
+    with pytest.raises(ValueError, match="PREFIX:all"):  # text only under the seed's rule
+        build_packing_index([0], np.array([9]), np.array([0, 0]), np.array([], np.int64), config)
     with pytest.raises(ValueError, match="cannot hold one image"):
         PackingConfig(seq_length=512)
     with pytest.raises(ValueError, match="policy"):

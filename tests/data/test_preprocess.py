@@ -389,3 +389,15 @@ def test_valid_image_flags_and_forced_format(inputs, tok, tmp_path):
     errors = read_jsonl(f"{tmp_path / 'forced'}.errors.jsonl")
     assert [(e["line"], e["kind"]) for e in errors] == [(1, "bad_field")]
     assert "missing field 'text_list'" in errors[0]["reason"]
+
+
+def test_text_only_corpus_with_allow_text_only(tok, tmp_path):
+    docs = [_obelics([None], ["A text-only document."]), _obelics([None, None], ["Two", "paragraphs."])]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    _run([tmp_path / "t.jsonl"], tmp_path / "rejected")  # without the flag: both rejected as no_images
+    assert [e["kind"] for e in read_jsonl(tmp_path / "rejected.errors.jsonl")] == ["no_images", "no_images"]
+    _run([tmp_path / "t.jsonl"], tmp_path / "ds", "--allow-text-only")
+    ds = IndexedDataset(tmp_path / "ds")
+    ds.verify()
+    assert ds.num_documents == 2 and ds.num_images == 0
+    assert ds.tokens(1).tolist() == encode_document(tok, ["Two", "paragraphs."]).tolist()

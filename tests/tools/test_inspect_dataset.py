@@ -59,9 +59,10 @@ def test_dataset_stats_count_everything(tiny):
 
 
 def test_packing_efficiency_is_useful_over_allocated(tiny):
-    ds = PackedDataset(tiny, PackingConfig(seq_length=16, tokens_per_image=4), split_weights="1", cache=False)
+    ds = PackedDataset(tiny, PackingConfig(seq_length=16, tokens_per_image=4, loss_policy="all"), split_weights="1",
+                       cache=False)
     p = inspect.packing_stats(ds)
-    # `split` uses every token of every document once per epoch
+    # `split` uses every token of every document once per epoch (under loss policy `all`, doc 1 too)
     assert p["useful_positions"] == 31
     assert p["samples"] == len(ds) >= 2  # 31 positions need at least two samples of 16
     assert p["padding_positions"] == p["samples"] * 16 - 31
@@ -73,7 +74,9 @@ def test_command_line_json(tiny, capsys):
     assert inspect.main([str(tiny), "--seq-length", "16", "--tokens-per-image", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["dataset"]["llm_positions"] == 31
-    assert out["packing"]["useful_positions"] == 31
+    assert out["packing"]["useful_positions"] == 31 - 3  # doc 1 has no image: under the seed's rule, not packed
+    assert inspect.main([f"{tiny}:all", "--seq-length", "16", "--tokens-per-image", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["packing"]["useful_positions"] == 31
     assert inspect.main([str(tiny), "--seq-length", "16", "--tokens-per-image", "4"]) == 0
     text = capsys.readouterr().out
     assert "documents      3 (1 without images)" in text
@@ -183,6 +186,20 @@ def test_render_whole_documents(lectures, tokenizer_model, tmp_path):
                    for p in after)
     # lec02 starts with text: that text is on the page, shaded
     assert re.search(r'<span class="noloss">Beverage: Liquid for drinking', by_doc[1])
+
+
+def test_render_shades_by_the_loss_policy(lectures, tokenizer_model, tmp_path):
+    """Under the loss policy 'all' (PREFIX:all) the text before the first image trains too."""
+    prefix, _ = lectures
+    out = tmp_path / "all.html"
+    assert inspect.main([f"{prefix}:all", "--seq-length", "16384", "--render", "0", "--out", str(out),
+                         "--tokenizer-model", tokenizer_model]) == 0
+    sections = _sections(out.read_text(encoding="utf-8"))
+    by_doc = {int(re.match(r"document (\d+): whole document", h).group(1)): c for h, c in sections[:-1]}
+    assert re.search(r'<span class="trained">[^<]*Liquid for drinking', by_doc[1])
+    for content in by_doc.values():  # only each document's first token (nothing predicts it) is untrained text
+        visible = re.sub(r'<span class="special[^"]*">.*?</span>', "", content)
+        assert len(re.findall(r'class="noloss"', visible)) <= 1
 
 
 @pytest.mark.parametrize("seq_length", [700, 4096])

@@ -60,6 +60,29 @@ def test_blend_and_split_are_parsed_once_into_types(tiny_dataset, tmp_path):
         _args(tiny_dataset, "--split", "0,1,0")
 
 
+def test_loss_policies_per_dataset(tiny_dataset, tmp_path):
+    other = tmp_path / "other"
+    for suffix in (".idx", ".tokens.bin", ".images.bin"):
+        (tmp_path / f"other{suffix}").write_bytes(b"")
+    base = ["--model", "tiny", "--seq-length", "1536", "--train-iters", "10"]
+    cfg = parse_args(base + ["--data-path", "0.7", tiny_dataset, "0.3", f"{other}:all"], world_size=1)
+    assert cfg.data.blend.prefixes == (tiny_dataset, str(other))
+    assert cfg.data.blend.loss_policies == ("after-first-image", "all")
+    cfg = parse_args(base + ["--data-path", tiny_dataset, "--loss-policy", "all"], world_size=1)
+    assert cfg.data.blend.loss_policies == ("all",)
+    blend_file = tmp_path / "blend.yaml"
+    blend_file.write_text(f"- {{path: {tiny_dataset}, weight: 3}}\n- {{path: {other}, weight: 1, loss: all}}\n")
+    cfg = parse_args(base + ["--data-blend-file", str(blend_file)], world_size=1)
+    assert cfg.data.blend == DataBlend((tiny_dataset, str(other)), (0.75, 0.25), ("after-first-image", "all"))
+    blend_file.write_text(f"- {{path: {tiny_dataset}, loss: some}}\n")
+    with pytest.raises(ConfigError, match=r"blend.yaml: entry 1: loss must be one of"):
+        parse_args(base + ["--data-blend-file", str(blend_file)], world_size=1)
+    with pytest.raises(ConfigError, match="not both"):
+        parse_args(base + ["--data-blend-file", str(blend_file), "--data-path", tiny_dataset], world_size=1)
+    with pytest.raises(ConfigError, match=r"other:everything.idx not found"):
+        parse_args(base + ["--data-path", f"{other}:everything"], world_size=1)
+
+
 def test_derived_values(tiny_dataset):
     cfg = parse_args(["--model", "tiny", "--data-path", tiny_dataset, "--seq-length", "1536", "--train-samples", "10",
                       "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-warmup-fraction", "0.5",
@@ -78,7 +101,7 @@ def test_to_dict_records_every_flag_and_the_derived_values(tiny_dataset):
     d = cfg.to_dict()
     flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
     derived = {"world_size", "data_parallel_size", "num_microbatches", "model_config", "data_blend",
-               "split_fractions"}
+               "data_loss_policies", "split_fractions"}
     assert set(d) == flags | derived
     assert json.loads(json.dumps(d)) == json.loads(json.dumps(d, default=str))  # JSON-able as it is
     assert (d["model"], d["global_batch_size"], d["num_microbatches"], d["world_size"]) == ("tiny", 8, 2, 2)

@@ -17,7 +17,14 @@ def test_loss_func_returns_the_masked_sum_and_the_token_count():
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     loss_sum, tokens, report = loss_func(mask, per_token)
     assert loss_sum.item() == 6.0 and tokens.item() == 2 and tokens.dtype == torch.int
-    assert report["lm loss"].tolist() == [6.0, 2.0]
+    assert report["lm loss"].tolist() == [6.0, 2.0, 0.0]
+
+
+def test_a_micro_batch_without_loss_tokens_is_counted_not_nan():
+    per_token = torch.tensor([[1.0, 3.0, 4.0]])
+    loss_sum, tokens, report = loss_func(torch.zeros(1, 3), per_token)
+    assert loss_sum.item() == 0.0 and tokens.item() == 0
+    assert report["lm loss"].tolist() == [0.0, 0.0, 1.0]  # counted as a micro-batch without loss tokens
 
 
 def test_the_model_config_must_carry_the_per_token_contract():
