@@ -1,6 +1,6 @@
 """Every change the engine makes to megatron-core and torch, in one place.
 
-megatron-core is used as a library, but four of its assumptions do not hold for us, and each is
+megatron-core is used as a library, but five of its assumptions do not hold for us, and each is
 corrected here by replacing one attribute:
 
   cpu-mode        the model, the pipeline schedules and the RNG tracker assume CUDA; on a machine
@@ -10,6 +10,7 @@ corrected here by replacing one attribute:
   wgrad-fusion    mcore's `gradient_accumulation_fusion` takes its GEMM from apex; without apex we
                   give it the same two functions built on torch (engine.model.fusions)
   adam-step-load  a bug of mcore 0.19.2 with torch's Adam when loading reshardable optimizer state
+  recompute-without-te  a bug of mcore 0.19.2: recomputing layer norms needs Transformer Engine
 
 Each group is installed by one function, idempotently, and only when the kernel plan or the
 platform asks for it (`engine.model.specs.KernelPlan`, `engine.platform.setup_platform`). Every
@@ -161,6 +162,10 @@ def install_cpu_mode() -> None:
          names are still recorded so `fork(name)` checks them)
       4. `pipeline_parallel/schedules.py` allocates its token counters with `device="cuda"`
                                                                     -> its `torch` is TorchOnCpu
+      5. activation recompute (`tensor_parallel.checkpoint`, `CheckpointWithoutOutput`) saves and
+         restores the CUDA generator's state around each recomputed part, next to the CPU
+         generator's and the tracker's                              -> the CUDA part is None and
+         setting it a no-op (the CPU generator, the only one, is still saved and restored)
     mcore's local DotProductAttention also builds a causal mask on "cuda"; our core attention
     (engine.model.attention) never needs it, so it is not patched. Idempotent; CPU only."""
     group = "cpu-mode"
@@ -185,6 +190,8 @@ def install_cpu_mode() -> None:
     _replace(group, mcore_random.CudaRNGStatesTracker, "add", add)
     _replace(group, mcore_random.CudaRNGStatesTracker, "fork", fork)
     _replace(group, schedules, "torch", TorchOnCpu())  # 4
+    _replace(group, mcore_random, "_get_cuda_rng_state", lambda *args, **kwargs: None)  # 5
+    _replace(group, mcore_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
 
 
 # ----------------------------------------------------------------------------- cpu-training
@@ -295,3 +302,28 @@ def install_adam_step_on_load() -> None:
         return original(self, model_param, tensors)
 
     _replace(group, DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)
+
+
+# ----------------------------------------------------------------------------- recompute-without-te
+
+
+def install_recompute_without_te() -> None:
+    """mcore 0.19.2 bug: `CheckpointWithoutOutput(fp8=False)` (how `TransformerLayer` recomputes
+    its norms, `--recompute-modules layernorm`) sets `self.fp8 = fp8 is not None`, i.e. always
+    True, and so always enters Transformer Engine's FP8 recompute contexts; without TE installed
+    that is a NameError. Where TE is missing no FP8 can be on, so the flag is set False after the
+    constructor. Nothing is installed where TE is present (its contexts are harmless with FP8
+    off). Idempotent."""
+    group = "recompute-without-te"
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if installed(group) or mcore_random.HAVE_TE:
+        return
+    _check_version(group)
+    original_init = mcore_random.CheckpointWithoutOutput.__init__
+
+    def init(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = False
+
+    _replace(group, mcore_random.CheckpointWithoutOutput, "__init__", init)
