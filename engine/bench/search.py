@@ -94,7 +94,7 @@ def search(settings: list[Setting], runner: Callable[[Setting], dict], log=print
     if not ok:
         return None, attempts
     best = max(ok, key=lambda a: a["tokens_per_s"])
-    return {"pipeline": "search-best", "setting": best["setting"], "flags": best["flags"]} | best["result"], attempts
+    return best["result"] | {"pipeline": "search-best", "setting": best["setting"], "flags": best["flags"]}, attempts
 
 
 def process_runner(benchmark_argv: list[str], timeout: float | None = None) -> Callable[[Setting], dict]:
