@@ -1,6 +1,6 @@
 """Every change the engine makes to megatron-core and torch, in one place.
 
-megatron-core is used as a library, but four of its assumptions do not hold for us, and each is
+megatron-core is used as a library, but six of its assumptions do not hold for us, and each is
 corrected here by replacing one attribute:
 
   cpu-mode        the model, the pipeline schedules and the RNG tracker assume CUDA; on a machine
@@ -10,6 +10,9 @@ corrected here by replacing one attribute:
   wgrad-fusion    mcore's `gradient_accumulation_fusion` takes its GEMM from apex; without apex we
                   give it the same two functions built on torch (engine.model.fusions)
   adam-step-load  a bug of mcore 0.19.2 with torch's Adam when loading reshardable optimizer state
+  recompute-without-te  a bug of mcore 0.19.2: recomputing layer norms needs Transformer Engine
+  hybrid-optimizer  the CPU-offloaded optimizer: a state-placement bug of mcore 0.19.2, and its
+                  offload path on CPU processes
 
 Each group is installed by one function, idempotently, and only when the kernel plan or the
 platform asks for it (`engine.model.specs.KernelPlan`, `engine.platform.setup_platform`). Every
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -145,6 +149,9 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self, event=None) -> "_NullEvent":
+        return _NullEvent()
+
 
 # ----------------------------------------------------------------------------- cpu-mode
 
@@ -161,6 +168,10 @@ def install_cpu_mode() -> None:
          names are still recorded so `fork(name)` checks them)
       4. `pipeline_parallel/schedules.py` allocates its token counters with `device="cuda"`
                                                                     -> its `torch` is TorchOnCpu
+      5. activation recompute (`tensor_parallel.checkpoint`, `CheckpointWithoutOutput`) saves and
+         restores the CUDA generator's state around each recomputed part, next to the CPU
+         generator's and the tracker's                              -> the CUDA part is None and
+         setting it a no-op (the CPU generator, the only one, is still saved and restored)
     mcore's local DotProductAttention also builds a causal mask on "cuda"; our core attention
     (engine.model.attention) never needs it, so it is not patched. Idempotent; CPU only."""
     group = "cpu-mode"
@@ -185,6 +196,8 @@ def install_cpu_mode() -> None:
     _replace(group, mcore_random.CudaRNGStatesTracker, "add", add)
     _replace(group, mcore_random.CudaRNGStatesTracker, "fork", fork)
     _replace(group, schedules, "torch", TorchOnCpu())  # 4
+    _replace(group, mcore_random, "_get_cuda_rng_state", lambda *args, **kwargs: None)  # 5
+    _replace(group, mcore_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
 
 
 # ----------------------------------------------------------------------------- cpu-training
@@ -295,3 +308,154 @@ def install_adam_step_on_load() -> None:
         return original(self, model_param, tensors)
 
     _replace(group, DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)
+
+
+# ----------------------------------------------------------------------------- recompute-without-te
+
+
+def install_recompute_without_te() -> None:
+    """mcore 0.19.2 bug: `CheckpointWithoutOutput(fp8=False)` (how `TransformerLayer` recomputes
+    its norms, `--recompute-modules layernorm`) sets `self.fp8 = fp8 is not None`, i.e. always
+    True, and so always enters Transformer Engine's FP8 recompute contexts; without TE installed
+    that is a NameError. Where TE is missing no FP8 can be on, so the flag is set False after the
+    constructor. Nothing is installed where TE is present (its contexts are harmless with FP8
+    off). Idempotent."""
+    group = "recompute-without-te"
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if installed(group) or mcore_random.HAVE_TE:
+        return
+    _check_version(group)
+    original_init = mcore_random.CheckpointWithoutOutput.__init__
+
+    def init(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = False
+
+    _replace(group, mcore_random.CheckpointWithoutOutput, "__init__", init)
+
+
+# ----------------------------------------------------------------------------- hybrid-optimizer
+
+
+class _NullEvent:
+    """A CUDA event on a machine with none: already complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+class _NullCuda(types.SimpleNamespace):
+    """The `torch.cuda` streams HybridDeviceOptimizer uses, on a machine without CUDA."""
+
+    def __init__(self):
+        super().__init__(current_stream=lambda device=None: _NullStream(), Stream=lambda *a, **kw: _NullStream(),
+                         stream=lambda stream=None: contextlib.nullcontext())
+
+
+def _sub_optimizer_param_groups_on_cpu(self, offload_fraction: float):
+    """`HybridDeviceOptimizer._get_sub_optimizer_param_groups` for a process without CUDA. mcore
+    offloads parameters that are `is_cuda` (copied to pinned host memory) and leaves the others
+    to the host optimizer as they are. Here the model's own parameters play the GPU's part and
+    the offloaded share is copied into separate, unpinned CPU tensors, so the same host copies,
+    gradient transfers, host optimizer and copy-back hooks run as on a GPU. Same return value."""
+    params = [p for group in self.param_groups for p in group["params"]]
+    threshold = sum(p.numel() for p in params) * offload_fraction
+    offloaded = 0
+    host_groups, device_groups, to_host, to_device, to_fp32 = [], [], {}, {}, {}
+    for group in self.param_groups:
+        device_group, host_group = {**group, "params": []}, {**group, "params": []}
+        for orig in group["params"]:
+            param, copied = orig, offloaded < threshold
+            if copied:
+                param = orig.detach().clone()
+                offloaded += param.numel()
+            if self.param_update_in_fp32 and param.dtype != torch.float32:
+                param = param.detach().clone().float()
+                to_fp32[orig] = param
+            if copied:
+                to_host[orig], to_device[param] = param, orig
+            (host_group if copied else device_group)["params"].append(param)
+        device_groups += [device_group] if device_group["params"] else []
+        host_groups += [host_group] if host_group["params"] else []
+    return host_groups, device_groups, to_host, to_device, to_fp32
+
+
+def _move_state_to_its_params_device(self):
+    """`HybridDeviceOptimizer._move_new_state_to_right_device`, after a checkpoint load: each
+    sub-optimizer's state goes where its parameter is. mcore 0.19.2 decides by the optimizer's
+    class, and moves the on-device optimizer's state to the host when both classes are torch's
+    AdamW (no Transformer Engine or apex)."""
+    for optimizer in self.sub_optimizers:
+        for param, state in optimizer.state.items():
+            orig_param = self.inner_param_to_orig_param.get(param, param)
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[orig_param][key] = state[key] = value.to(param.device)
+
+
+def _sync_state_to_hdo(self):
+    """`HybridDeviceOptimizer._sync_sub_optimizers_state_to_hdo`: the sub-optimizers' state
+    becomes the HybridDeviceOptimizer's, which mcore's distributed optimizer saves. mcore 0.19.2
+    adds a "master_param" entry (the copy the sub-optimizer updates) for every parameter; for the
+    distributed optimizer's fp32 main weights that is the main weight itself, saved again under
+    a key a checkpoint without offload lacks (so neither loads into the other). It is kept only
+    where it is a real fp32 copy of a lower-precision parameter."""
+    state = defaultdict(dict)
+    for optimizer in self.sub_optimizers:
+        for param, param_state in optimizer.state.items():
+            orig_param = self.inner_param_to_orig_param[param]
+            state[orig_param] = param_state
+            if self.param_update_in_fp32 and orig_param in self.param_to_fp32_param:
+                param_state["master_param"] = param
+    self.state = state
+
+
+def _update_inner_params_from_state(self):
+    """`HybridDeviceOptimizer._update_fp32_params_by_new_state`, after a checkpoint load: each
+    copy a sub-optimizer updates (an fp32 copy of a low-precision parameter, or a host copy)
+    takes the loaded value: the "master_param" of an fp32 copy, else the parameter itself (the
+    loaded fp32 main weight). mcore 0.19.2 looks every parameter up among the fp32 copies only, a
+    KeyError for the distributed optimizer's fp32 main weights."""
+    if not self.param_update_in_fp32:
+        return
+    for param, state in self.state.items():
+        inner = self.param_to_inner_param.get(param, param)
+        source = state.get("master_param", param)
+        if source is not inner:
+            inner.data.copy_(source)
+
+
+def install_hybrid_optimizer(device: str) -> None:
+    """megatron-core's CPU-offloaded optimizer (`--optimizer-cpu-offload`, HybridDeviceOptimizer):
+
+      1. after a checkpoint load its on-device state is moved by optimizer class, which sends it
+         to the host without TE/apex                    -> `_move_state_to_its_params_device`;
+         and the loaded fp32 main weights are looked up among fp32 copies of bf16 weights only
+                                                        -> `_update_inner_params_from_state`
+      2. its state repeats each fp32 main weight as "master_param", so checkpoints with and
+         without offload do not load into each other     -> `_sync_state_to_hdo`
+    and, on a process without CUDA (so the offload path is tested on CPU):
+      3. only `is_cuda` parameters are offloaded        -> `_sub_optimizer_param_groups_on_cpu`
+      4. transfers run on CUDA streams with events      -> streams and events with nothing to wait for
+    Idempotent."""
+    group = "hybrid-optimizer"
+    if installed(group):
+        return
+    _check_version(group)
+    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer
+
+    hdo = hybrid_optimizer.HybridDeviceOptimizer
+    _replace(group, hdo, "_move_new_state_to_right_device", _move_state_to_its_params_device)  # 1
+    _replace(group, hdo, "_update_fp32_params_by_new_state", _update_inner_params_from_state)
+    _replace(group, hdo, "_sync_sub_optimizers_state_to_hdo", _sync_state_to_hdo)  # 2
+    if device == "cpu":
+        if torch.cuda.is_available():
+            raise RuntimeError("the CPU offload path without CUDA must not be installed where CUDA is available")
+        _replace(group, hdo, "_get_sub_optimizer_param_groups", _sub_optimizer_param_groups_on_cpu)  # 3
+        proxy = TorchOnCpu()
+        proxy.cuda = _NullCuda()
+        _replace(group, hybrid_optimizer, "torch", proxy)  # 4

@@ -14,6 +14,16 @@ padded document per sample, the way the seed feeds it, for the same number of op
 Both are scored with the same formula (engine.training.metrics.step_flops: useful FLOPs only,
 within-document attention pairs, no recompute). Prints one JSON line per pipeline and, with a
 baseline, a final line with the ratio of useful tokens/s.
+
+Memory settings: the recompute flags (--recompute-granularity/-method/-num-layers/-modules) and the
+optimizer offload (--optimizer-cpu-offload, --optimizer-offload-fraction,
+--overlap-cpu-optimizer-d2h-h2d) are llava-pretrain's. A run that does not fit under
+--memory-limit-gib prints an "out_of_memory" row and exits with status 3. `--search` finds the
+fastest setting that fits (engine/bench/search.py): one JSON row per attempt with its outcome, then
+the fastest as a "search-best" row whose "flags" are the ones to train with.
+
+    llava-benchmark --preset llava-1.5-7b --data-prefix out/textbook --seq-length 8192 \
+        --global-batch-size 4 --memory-limit-gib 79.6 --search
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch
 
 from engine.bench.profile import profile_step
 from engine.bench.rows import result_row, run_config
+from engine.bench.search import OOM_EXIT, ladder, process_runner, search
 from engine.bench.timing import median_cuda_seconds, sync
 
 
@@ -46,6 +57,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--recompute-granularity", choices=["selective", "full"], default=None)
+    p.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    p.add_argument("--recompute-num-layers", type=int, default=None)
+    p.add_argument("--recompute-modules", nargs="+", default=None, metavar="MODULE")
+    p.add_argument("--optimizer-cpu-offload", action="store_true")
+    p.add_argument("--optimizer-offload-fraction", type=float, default=None)
+    p.add_argument("--overlap-cpu-optimizer-d2h-h2d", action="store_true")
+    p.add_argument("--search", action="store_true",
+                   help="try recompute / optimizer-offload settings fastest first under --memory-limit-gib, "
+                        "one process each, and report the fastest that fits (engine/bench/search.py)")
+    p.add_argument("--search-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --search: the longest one attempt may take")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--baseline", choices=["hf"], default=None)
     p.add_argument("--hf-micro-batch-size", type=int, default=2,
@@ -89,8 +111,7 @@ def run_engine(a: argparse.Namespace) -> dict:
              "--log-interval", "1000000"]
     if a.num_layers:
         flags += ["--num-layers", str(a.num_layers)]
-    if a.recompute_granularity:
-        flags += ["--recompute-granularity", a.recompute_granularity]
+    flags += memory_flags(a)
     if torch.cuda.is_available():
         flags += ["--bf16"]
     flags += shlex.split(a.train_args)
@@ -116,7 +137,9 @@ def run_engine(a: argparse.Namespace) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     kernels = model.module.kernels
-    res = result_row("engine", run_config(a, cfg) | {"train_args": a.train_args}, a.steps, elapsed, meter,
+    memory = {"recompute": args.model.recompute.describe() if args.model.recompute else None,
+              "optimizer_cpu_offload": args.optimizer.optimizer_cpu_offload}
+    res = result_row("engine", run_config(a, cfg) | memory | {"train_args": a.train_args}, a.steps, elapsed, meter,
                      {"attention_backend": kernels.attention, "transformer_engine": bool(info.has_te),
                       "gradient_accumulation_fusion": kernels.wgrad_fusion != "off", "kernels": kernels.as_dict()})
     if a.profile:  # after the figures are read: the profiled step's batches must not count
@@ -124,6 +147,42 @@ def run_engine(a: argparse.Namespace) -> dict:
     del model, optimizer, scheduler
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return res
+
+
+def memory_flags(a: argparse.Namespace) -> list[str]:
+    """The recompute and optimizer-offload flags, as llava-pretrain takes them."""
+    flags = []
+    for name in ("recompute_granularity", "recompute_method", "recompute_num_layers", "optimizer_offload_fraction"):
+        if getattr(a, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(a, name))]
+    if a.recompute_modules:
+        flags += ["--recompute-modules", *a.recompute_modules]
+    return flags + [f for f in ("--optimizer-cpu-offload", "--overlap-cpu-optimizer-d2h-h2d")
+                    if getattr(a, f[2:].replace("-", "_"))]
+
+
+def layers_per_stage(a: argparse.Namespace) -> int:
+    from engine.config import get_preset
+
+    layers = a.num_layers or get_preset(a.preset).language.num_layers
+    pp = argparse.ArgumentParser(add_help=False)
+    pp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return layers // pp.parse_known_args(shlex.split(a.train_args))[0].pipeline_model_parallel_size
+
+
+def run_search(a: argparse.Namespace, argv: list[str], runner=None) -> list[dict]:
+    """`--search`: every attempt's row, then the fastest (or a "search-none-fits" row)."""
+    if a.baseline or a.skip_engine or a.profile or memory_flags(a):
+        raise SystemExit("--search chooses the recompute and offload flags itself; it runs the engine alone "
+                         "(no --baseline, --skip-engine, --profile or recompute/offload flags)")
+    runner = runner or process_runner([x for x in argv if x not in ("--search", "--json-out", a.json_out)],
+                                      timeout=a.search_timeout)
+    best, attempts = search(ladder(layers_per_stage(a)), runner)
+    for row in attempts:
+        print(json.dumps({k: v for k, v in row.items() if k != "result"}), flush=True)
+    best = best or {"pipeline": "search-none-fits", "memory_limit_gib": a.memory_limit_gib}
+    print(json.dumps(best), flush=True)
+    return attempts + [best]
 
 
 def run_baseline(a: argparse.Namespace) -> dict:
@@ -145,10 +204,14 @@ def run_baseline(a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parse(argv)
     if a.global_batch_size % a.micro_batch_size:
         print("--global-batch-size must be a multiple of --micro-batch-size", file=sys.stderr)
         return 1
+    if a.search:  # the attempts run in their own processes; this one never touches the GPU
+        _write(a.json_out, run_search(a, argv))
+        return 0
     if a.memory_limit_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_limit_gib * 2 ** 30 / total))
@@ -157,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {mfu_peak(a.peak_tflops).describe()}", flush=True)
     rows = []
     if not a.skip_engine:
-        rows.append(run_engine(a))
+        try:
+            rows.append(run_engine(a))
+        except torch.OutOfMemoryError as e:
+            row = {"pipeline": "engine", "outcome": "out_of_memory", "memory_limit_gib": a.memory_limit_gib,
+                   "flags": memory_flags(a), "detail": str(e).splitlines()[0]}
+            print(json.dumps(row), flush=True)
+            return OOM_EXIT
         print(json.dumps(rows[-1]), flush=True)
     if a.baseline == "hf":
         rows.append(run_baseline(a))
@@ -171,12 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"pipeline": "ratio", "engine_over_hf_tokens_per_s":
                      round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 3)})
         print(json.dumps(rows[-1]), flush=True)
-    if a.json_out:
-        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.json_out, "w") as f:
+    _write(a.json_out, rows)
+    return 0
+
+
+def _write(path: str | None, rows: list[dict]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from engine.model import specs
 from engine import patches
 from engine.model.attention import PackedDocuments
 from engine.model.fusions import rope_tables
+from engine.model.recompute import Recompute
 from engine.model.sharding import canonical_name
 from engine.model.specs import KernelPlan, plan_kernels
 from engine.model.vision import CLIPVisionTower
@@ -103,22 +104,15 @@ def _common(kernels: KernelPlan, params_dtype: torch.dtype, bf16: bool, **overri
 
 
 def language_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params_dtype=torch.float32,
-                                bf16=False, sequence_parallel=False, recompute_granularity=None,
+                                bf16=False, sequence_parallel=False, recompute: Recompute | None = None,
                                 **overrides) -> TransformerConfig:
     """The LLaMA decoder's TransformerConfig (what mcore DDP / optimizer / schedules read); its
-    kernel switches come from the plan."""
+    kernel switches come from the plan, its activation recompute from `recompute`."""
     lang = cfg.language
     tp, pp = _parallel_sizes()
-    cuda = kernels.device == "cuda"
-    recompute = {}
-    if recompute_granularity == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute_granularity == "selective":
-        recompute = dict(recompute_granularity="selective")
-    elif recompute_granularity is not None:
-        raise ValueError(f"recompute_granularity must be None, 'full' or 'selective', not {recompute_granularity!r}")
-    if recompute and not cuda:
-        raise ValueError("activation recompute needs CUDA (mcore's checkpoint saves the CUDA RNG state)")
+    if recompute is not None:
+        recompute.check_spec(kernels.spec)
+        recompute.check_layers(lang.num_layers // pp)
     kw = _common(kernels, params_dtype, bf16, **overrides)
     kw.setdefault("pipeline_dtype", torch.bfloat16 if bf16 else params_dtype)
     kw.update(
@@ -146,7 +140,7 @@ def language_transformer_config(cfg: ModelConfig, kernels: KernelPlan, *, params
         add_qkv_bias=False,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
-        **recompute,
+        **(recompute.transformer_config() if recompute else {}),
         **kw,
     )
 
@@ -335,7 +329,7 @@ class LLaVAModel(MegatronModule):
 
 def build_model(cfg: ModelConfig, *, kernels: KernelPlan | None = None, pre_process: bool | None = None,
                 post_process: bool | None = None, params_dtype: torch.dtype = torch.float32, bf16: bool = False,
-                sequence_parallel: bool = False, recompute_granularity: str | None = None,
+                sequence_parallel: bool = False, recompute: Recompute | None = None,
                 freeze_vision: bool = True, freeze_projector: bool = False, freeze_llm: bool = False,
                 **config_overrides) -> LLaVAModel:
     """This rank's stage of LLaVA, on this rank's device. TP/PP sizes and ranks come from
@@ -358,11 +352,13 @@ def build_model(cfg: ModelConfig, *, kernels: KernelPlan | None = None, pre_proc
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     if kernels.wgrad_fusion == "torch":
         patches.install_wgrad_accumulation()
+    if recompute is not None:
+        patches.install_recompute_without_te()
     shared = dict(params_dtype=params_dtype, bf16=bf16)
     model = LLaVAModel(
         cfg,
         language_config=language_transformer_config(
-            cfg, kernels, sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity,
+            cfg, kernels, sequence_parallel=sequence_parallel, recompute=recompute,
             **shared, **config_overrides),
         vision_config=vision_transformer_config(cfg, kernels, **shared),
         projector_config=projector_transformer_config(cfg, kernels, **shared),

@@ -53,7 +53,17 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze-llm", action="store_true",
                    help="keep the language model frozen (projector-only alignment stage)")
     g.add_argument("--recompute-granularity", choices=["selective", "full"], default=None,
-                   help="activation recompute (the seed used gradient checkpointing = full)")
+                   help="activation recompute (the seed used gradient checkpointing = full); "
+                        "engine/model/recompute.py")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="full recompute: uniform = every layer, in chunks of --recompute-num-layers; "
+                        "block = only the first --recompute-num-layers layers of each pipeline stage. "
+                        "Default uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="full recompute: layers per chunk (uniform) or recomputed layers per stage (block); default 1")
+    g.add_argument("--recompute-modules", nargs="+", default=None, metavar="MODULE",
+                   help="selective recompute: any of core_attn, mlp, layernorm (layernorm: torch-native "
+                        "spec only); default core_attn")
     g.add_argument("--attention-backend", default="auto",
                    help="packed-attention kernel (engine/model/attention.py); auto picks the fastest available")
 
@@ -151,6 +161,14 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="keep the Adam state and fp32 main weights in host memory and run the update there "
+                        "(megatron-core's HybridDeviceOptimizer; needs --use-distributed-optimizer)")
+    g.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
+                   help="with --optimizer-cpu-offload: the share of this rank's optimizer state moved to the host")
+    g.add_argument("--overlap-cpu-optimizer-d2h-h2d", action="store_true",
+                   help="with --optimizer-cpu-offload: copy gradients to the host and weights back on side "
+                        "streams, one host optimizer per parameter, overlapping the host update")
 
 
 def _precision_flags(p: argparse.ArgumentParser) -> None:
@@ -309,7 +327,8 @@ def build_config(args: argparse.Namespace, world_size: int, check_paths: bool = 
     training = _training(args, parallel.data_parallel_size)
     parallel = _sequence_parallel(parallel, args.seq_length)
     precision = _precision(args)
-    model = _pick(ModelSettings, args, preset=args.model)
+    model = _pick(ModelSettings, args, preset=args.model,
+                  recompute_modules=tuple(args.recompute_modules) if args.recompute_modules else None)
     model_config = model_config_from_args(model)
     _check_model_layout(model_config, model, parallel, args.seq_length)
     optimizer = _optimizer(args, training.train_iters)
@@ -383,6 +402,9 @@ def _precision(args: argparse.Namespace) -> PrecisionSettings:
     if args.cross_entropy_loss_fusion and not bf16:
         raise ConfigError("--cross-entropy-loss-fusion needs --bf16 (megatron-core's fused kernel "
                           "returns bf16 logit gradients)")
+    if args.optimizer_cpu_offload and not bf16:
+        raise ConfigError("--optimizer-cpu-offload needs --bf16: megatron-core offloads the fp32 main weights "
+                          "a bf16 model keeps beside its own (an fp32 model's optimizer updates the weights in place)")
     precision = _pick(PrecisionSettings, args, bf16=bf16)
     try:
         _ = precision.fp8_plan  # checks the FP8 settings
@@ -427,11 +449,9 @@ def _check_model_layout(cfg: ModelConfig, model: ModelSettings, parallel: Parall
     if model.freeze_llm and pp > 1:
         raise ConfigError("--freeze-llm trains only what lives on the first pipeline stage (projector, vision): "
                           "the other stages would have nothing to train; use --pipeline-model-parallel-size 1")
-    if model.recompute_granularity is not None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--recompute-granularity needs CUDA (mcore's recompute saves the CUDA RNG state)")
+    recompute = model.recompute  # raises ConfigError for a bad combination of the --recompute-* flags
+    if recompute is not None:
+        recompute.check_layers(lang.num_layers // pp)
 
 
 def _optimizer(args: argparse.Namespace, train_iters: int) -> OptimizerSettings:
@@ -446,6 +466,13 @@ def _optimizer(args: argparse.Namespace, train_iters: int) -> OptimizerSettings:
             f"warmup ({warmup} iterations) must be shorter than the decay span ({decay} iterations)")
     if args.clip_grad < 0 or args.weight_decay < 0:
         raise ConfigError("--clip-grad and --weight-decay must be >= 0")
+    if not 0.0 < args.optimizer_offload_fraction <= 1.0:
+        raise ConfigError(f"--optimizer-offload-fraction {args.optimizer_offload_fraction} must be in (0, 1]")
+    if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
+        raise ConfigError("--optimizer-cpu-offload needs --use-distributed-optimizer (megatron-core offloads "
+                          "the distributed optimizer's shards)")
+    if args.overlap_cpu_optimizer_d2h_h2d and not args.optimizer_cpu_offload:
+        raise ConfigError("--overlap-cpu-optimizer-d2h-h2d needs --optimizer-cpu-offload")
     return _pick(OptimizerSettings, args, lr_decay_iters=decay, lr_warmup_iters=warmup)
 
 

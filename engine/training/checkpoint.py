@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from engine import patches
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
-from engine.training.optim import torch_adams
+from engine.training.optim import sync_offloaded_state, torch_adams
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state layout in a checkpoint (--[no-]dist-ckpt-optim-fully-reshardable):
@@ -145,6 +145,7 @@ def _materialize_adam_state(optimizer) -> None:
             for p in group["params"]:
                 adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                      exp_avg_sq=torch.zeros_like(p))
+    sync_offloaded_state(optimizer)
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -336,6 +337,7 @@ def load_checkpoint(root: str | Path, model, optimizer, scheduler, model_config:
     if load_optimizer:
         with torch.no_grad():  # fp32 main weights are views of the (grad-requiring) parameters
             optimizer.load_state_dict(loaded["optimizer"])
+        sync_offloaded_state(optimizer, loaded=True)
         _unshare_adam_steps(optimizer)
         if common.get("adam_steps") is not None:
             _set_adam_steps(optimizer, common["adam_steps"])

@@ -22,6 +22,7 @@ import torch
 
 from engine.config import LLAMA_SPECIAL_TOKENS, ModelConfig
 from engine.data.dataset import DataBlend, DataSplit
+from engine.model.recompute import Recompute
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,16 @@ class ModelSettings:
     freeze_projector: bool
     freeze_llm: bool
     recompute_granularity: str | None
+    recompute_method: str | None  # full: uniform or block (default uniform)
+    recompute_num_layers: int | None  # full: layers per chunk (uniform) or per stage (block); default 1
+    recompute_modules: tuple[str, ...] | None  # selective: default core_attn
     attention_backend: str
+
+    @property
+    def recompute(self) -> Recompute | None:
+        """The activation-recompute setting of the four --recompute-* flags (checked at parse time)."""
+        return Recompute.from_flags(self.recompute_granularity, self.recompute_method,
+                                    self.recompute_num_layers, self.recompute_modules)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,9 @@ class OptimizerSettings:
     adam_beta1: float
     adam_beta2: float
     adam_eps: float
+    optimizer_cpu_offload: bool  # Adam state and update on the host (mcore's HybridDeviceOptimizer)
+    optimizer_offload_fraction: float  # share of this rank's optimizer shard offloaded
+    overlap_cpu_optimizer_d2h_h2d: bool  # one host optimizer per parameter, transfers on side streams
 
 
 @dataclass(frozen=True)

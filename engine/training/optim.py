@@ -7,6 +7,12 @@
   its state sharded over data-parallel ranks (`--use-distributed-optimizer`), global-norm
   gradient clipping (`--clip-grad`) done inside `optimizer.step()`; weight decay is skipped for
   biases and norm weights (mcore's standard parameter groups).
+- `--optimizer-cpu-offload`: mcore's HybridDeviceOptimizer inside the distributed optimizer keeps
+  `--optimizer-offload-fraction` of this rank's fp32 main weights and Adam moments in host memory
+  and updates them there with torch's fused CPU AdamW (the rest stays on the GPU); gradients go to
+  the host and updated weights come back each step (on side streams with
+  `--overlap-cpu-optimizer-d2h-h2d`). 7B's 12 bytes of optimizer state per parameter (~80 GB)
+  leave the GPU. Checkpoints hold the same tensors under the same keys as without offload.
 - `build_scheduler`: mcore OptimizerParamScheduler stepping once per iteration: linear warmup
   from 0, then constant / cosine / linear decay to --min-lr.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from engine import patches
@@ -67,18 +74,49 @@ def build_optimizer(model_chunks: list, cfg: TrainingConfig):
         params_dtype=cfg.precision.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather_active,
+        optimizer_cpu_offload=opt.optimizer_cpu_offload,
+        optimizer_offload_fraction=opt.optimizer_offload_fraction,
+        overlap_cpu_optimizer_d2h_h2d=opt.overlap_cpu_optimizer_d2h_h2d,
+        # Pinned host buffers make the transfers asynchronous; pinning needs CUDA.
+        pin_cpu_grads=kernels.device == "cuda",
+        pin_cpu_params=kernels.device == "cuda",
     )
+    if opt.optimizer_cpu_offload:
+        patches.install_hybrid_optimizer(kernels.device)
     optimizer = get_megatron_optimizer(config, model_chunks)
     if kernels.optimizer == "torch-fused":
         use_fused_adam(optimizer)
     return optimizer
 
 
-def torch_adams(optimizer) -> list[torch.optim.Adam]:
-    """The torch Adam(W) optimizers inside a megatron-core optimizer (one per chained
-    optimizer; none when mcore uses TE's or apex's FusedAdam)."""
+def hybrid_optimizers(optimizer) -> list[HybridDeviceOptimizer]:
+    """The CPU-offloading optimizers inside a megatron-core optimizer (--optimizer-cpu-offload)."""
     return [inner for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(inner := getattr(opt, "optimizer", None), torch.optim.Adam)]  # AdamW is a subclass
+            if isinstance(inner := getattr(opt, "optimizer", None), HybridDeviceOptimizer)]
+
+
+def torch_adams(optimizer) -> list[torch.optim.Adam]:
+    """The torch Adam(W) optimizers inside a megatron-core optimizer: one per chained optimizer,
+    or, with --optimizer-cpu-offload, the host (and on-device) sub-optimizers of each
+    HybridDeviceOptimizer; none when mcore uses TE's or apex's FusedAdam on the device."""
+    found = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        parts = inner.sub_optimizers if isinstance(inner, HybridDeviceOptimizer) else [inner]
+        found += [p for p in parts if isinstance(p, torch.optim.Adam)]  # AdamW is a subclass
+    return found
+
+
+def sync_offloaded_state(optimizer, *, loaded: bool = False) -> None:
+    """After the sub-optimizers' state was created directly: the HybridDeviceOptimizer (what
+    mcore's distributed optimizer reads and writes) sees it. `loaded`: after a checkpoint load,
+    which wrote the HybridDeviceOptimizer's state (its "master_param" among it) but, in the
+    per-DP-rank layout, not the host copies the sub-optimizers update: they take the loaded
+    values first."""
+    for hybrid in hybrid_optimizers(optimizer):
+        if loaded:
+            hybrid._sync_hdo_state_to_sub_optimizers()
+        hybrid._sync_sub_optimizers_state_to_hdo()
 
 
 def use_fused_adam(optimizer) -> None:

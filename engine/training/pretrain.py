@@ -100,7 +100,7 @@ def build_model_and_optimizer(cfg: TrainingConfig):
         params_dtype=cfg.precision.params_dtype,
         bf16=cfg.precision.bf16,
         sequence_parallel=cfg.parallel.sequence_parallel,
-        recompute_granularity=cfg.model.recompute_granularity,
+        recompute=cfg.model.recompute,
         freeze_vision=cfg.model.freeze_vision,
         freeze_projector=cfg.model.freeze_projector,
         freeze_llm=cfg.model.freeze_llm,

@@ -13,6 +13,7 @@ import llava_batches as lb
 from engine.config import get_preset
 from engine.convert.hf import hf_to_engine
 from engine.model.llava import build_model
+from engine.model.recompute import Recompute
 from engine.model.specs import plan_kernels
 from engine.model.sharding import gather_state_dict, load_full_state_dict
 
@@ -115,21 +116,29 @@ def test_packed_equals_documents_alone_bf16(mcore_cuda, sp, spec):
             assert diff.mean() < 1e-2 and diff.max() < 0.1, (a, b, diff.mean().item(), diff.max().item())
 
 
+# Every recompute setting, per spec (layernorm recompute exists on the torch-native spec only).
+RECOMPUTES = {"full": Recompute("full"), "full_block_1": Recompute("full", "block", 1),
+              "full_uniform_2": Recompute("full", "uniform", 2), "selective": Recompute("selective"),
+              "selective_mlp": Recompute("selective", modules=("core_attn", "mlp")),
+              "selective_layernorm": Recompute("selective", modules=("core_attn", "mlp", "layernorm"))}
+
+
 @pytest.mark.parametrize("spec", SPECS)
-def test_full_recompute_gives_the_same_gradients(mcore_cuda, sp, spec):
+def test_recompute_gives_the_same_gradients(mcore_cuda, sp, spec):
     batch = _cuda(lb.packed_batch(sp, TINY))
-    grads, weights = [], None
-    for recompute in (None, "full", "selective"):
-        model = build_model(TINY, recompute_granularity=recompute, kernels=_kernels(spec))
+    settings = {name: r for name, r in RECOMPUTES.items() if spec == "local" or "layernorm" not in r.modules}
+    grads, weights = {}, None
+    for name, recompute in {"none": None, **settings}.items():
+        model = build_model(TINY, recompute=recompute, kernels=_kernels(spec))
         weights = weights or gather_state_dict(model)
         load_full_state_dict(model, weights)
         loss = model(batch)
         mask = batch["loss_mask"]
         ((loss * mask).sum() / mask.sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    for other in grads[1:]:
-        for name, g in grads[0].items():
-            torch.testing.assert_close(other[name], g, rtol=1e-5, atol=1e-7, msg=name)
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name in settings:
+        for key, g in grads["none"].items():
+            torch.testing.assert_close(grads[name][key], g, rtol=1e-5, atol=1e-7, msg=f"{name}: {key}")
 
 
 def _bench_batch(cfg, seq_length=4096):
