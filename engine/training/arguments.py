@@ -28,7 +28,8 @@ from engine.config import PRESETS, ModelConfig, get_preset
 from engine.data.dataset import DataBlend, DataSplit
 from engine.data.packing import LOSS_POLICIES
 from engine.errors import ConfigError
-from engine.training.config import (CheckpointSettings, DataSettings, LoggingSettings, ModelSettings,
+from engine.training.config import (CheckpointSettings, DataSettings, FewshotEvalSettings, LoggingSettings,
+                                    ModelSettings,
                                     OptimizerSettings, ParallelSettings, PrecisionSettings, TrainingConfig,
                                     TrainingSettings)
 
@@ -241,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="YAML file with the same keys as these flags")
     for add in (_model_flags, _parallel_flags, _data_flags, _training_flags, _optimizer_flags,
-                _precision_flags, _checkpoint_flags, _logging_flags):
+                _precision_flags, _checkpoint_flags, _logging_flags, _fewshot_flags):
         add(p)
     return p
+
+
+def _fewshot_flags(p: argparse.ArgumentParser) -> None:
+    from engine.evaluation.during_training import add_fewshot_flags
+
+    add_fewshot_flags(p.add_argument_group("few-shot evaluation during training (docs/evaluation.md)"))
 
 
 # --------------------------------------------------------------------------- YAML config file
@@ -346,7 +353,27 @@ def build_config(args: argparse.Namespace, world_size: int, check_paths: bool = 
         _check_checkpoint_paths(checkpoint)
     return TrainingConfig(config_file=args.config, model=model, parallel=parallel, data=data, training=training,
                           optimizer=optimizer, precision=precision, checkpoint=checkpoint,
-                          logging=_pick(LoggingSettings, args), model_config=model_config)
+                          logging=_pick(LoggingSettings, args), fewshot=_fewshot(args, parallel, checkpoint),
+                          model_config=model_config)
+
+
+def _fewshot(args: argparse.Namespace, parallel: ParallelSettings, checkpoint: CheckpointSettings) -> FewshotEvalSettings:
+    from engine.evaluation.during_training import FewshotSettings
+
+    root = args.fewshot_eval_data_root
+    fewshot = _pick(FewshotEvalSettings, args, fewshot_eval=tuple(args.fewshot_eval),
+                    fewshot_eval_data_root=str(root) if root is not None else None)
+    try:
+        FewshotSettings.from_config(fewshot)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if fewshot.enabled and (parallel.pipeline_model_parallel_size > 1 or parallel.sequence_parallel):
+        raise ConfigError("--fewshot-eval generates with the live model, which needs the whole model on each "
+                          "rank and no sequence parallelism: use --pipeline-model-parallel-size 1 without --sequence-parallel (or "
+                          "evaluate saved checkpoints with llava-evaluate)")
+    if fewshot.enabled and not checkpoint.tokenizer_model:
+        raise ConfigError("--fewshot-eval needs --tokenizer-model (the tokenizer the data was made with)")
+    return fewshot
 
 
 def _pick(cls, args: argparse.Namespace, **resolved):

@@ -190,9 +190,25 @@ class LoggingSettings:
     peak_tflops: float | None  # MFU's peak; None: looked up by device name
 
 
+@dataclass(frozen=True)
+class FewshotEvalSettings:
+    """Few-shot evaluation of the live model during training (engine/evaluation/during_training.py)."""
+
+    fewshot_eval: tuple[str, ...]  # BENCH:SHOTS, e.g. okvqa:0,4
+    fewshot_eval_interval: int  # 0: never
+    fewshot_eval_limit: int | None
+    fewshot_eval_data_root: str | None
+    fewshot_eval_demos: str
+    fewshot_eval_template: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.fewshot_eval) and self.fewshot_eval_interval > 0
+
+
 GROUPS = {"model": ModelSettings, "parallel": ParallelSettings, "data": DataSettings,
           "training": TrainingSettings, "optimizer": OptimizerSettings, "precision": PrecisionSettings,
-          "checkpoint": CheckpointSettings, "logging": LoggingSettings}
+          "checkpoint": CheckpointSettings, "logging": LoggingSettings, "fewshot": FewshotEvalSettings}
 
 
 @dataclass(frozen=True)
@@ -206,6 +222,7 @@ class TrainingConfig:
     precision: PrecisionSettings
     checkpoint: CheckpointSettings
     logging: LoggingSettings
+    fewshot: FewshotEvalSettings
     model_config: ModelConfig  # the preset with the flags' overrides
 
     @property

@@ -253,17 +253,20 @@ class Trainer:
     count_batch(batch) -> (tokens, images, useful FLOPs) of one micro-batch, for throughput.
     save_fn(state) writes a checkpoint (None: no --save); poll_fn() runs after every step (it
     publishes finished background checkpoint writes); sources_fn(consumed_samples) -> what each
-    blended dataset has given, logged with each record.
+    blended dataset has given, logged with each record; fewshot_fn(iteration) -> few-shot scores to
+    log ({} when none is due; engine/evaluation/during_training.py leaves training untouched).
     """
 
     def __init__(self, *, cfg: TrainingConfig, model, optimizer, scheduler, train_iterator: Iterator,
                  make_valid_iterator: Callable[[], Iterator] | None, count_batch, state: TrainState,
                  save_fn=None, poll_fn=None, logger: MetricsLogger | None, device: torch.device, log=print,
-                 sources_fn: Callable[[int], dict] | None = None):
+                 sources_fn: Callable[[int], dict] | None = None,
+                 fewshot_fn: Callable[[int], dict] | None = None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.make_valid_iterator, self.state, self.device, self.log = make_valid_iterator, state, device, log
         self.save_fn, self.poll_fn, self.logger = save_fn, poll_fn, logger
         self.sources_fn = sources_fn  # consumed samples -> per-source consumption, for the log
+        self.fewshot_fn = fewshot_fn
         self.forward_step = make_forward_step(device)
         peak = mfu_peak(cfg.logging.peak_tflops)
         if device.type == "cuda":  # on a CPU there is no MFU to speak of
@@ -289,6 +292,7 @@ class Trainer:
                 result = self.step()
                 self.log_step(result, lr)
                 self.maybe_evaluate()
+                self.maybe_fewshot()
                 if self.poll_fn is not None:
                     self.poll_fn()
                 diverged = self.divergence()
@@ -358,6 +362,15 @@ class Trainer:
         if self.logger is not None:
             self.logger.log({"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
                              "loss": eval_loss}, "valid")
+        self.meter.reset()  # evaluation time is not training throughput
+
+    def maybe_fewshot(self) -> None:
+        scores = self.fewshot_fn(self.state.iteration) if self.fewshot_fn is not None else {}
+        if not scores:
+            return
+        if self.logger is not None:
+            self.logger.log({"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
+                             **scores}, "fewshot")
         self.meter.reset()  # evaluation time is not training throughput
 
     def divergence(self) -> str | None:

@@ -315,6 +315,7 @@ def format_record(record: dict, prefix: str) -> str:
             parts.append(fmt.format(record[key]))
     if record.get("sources"):
         parts.append(format_sources(record["sources"]))
+    parts += [f"{k.removeprefix('fewshot/')} {v:.2f}" for k, v in record.items() if k.startswith("fewshot/")]
     return " | ".join(parts)
 
 

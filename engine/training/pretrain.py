@@ -93,6 +93,10 @@ def build_model_and_optimizer(cfg: TrainingConfig):
     from engine.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     kernels = kernel_plan(cfg)
+    if cfg.fewshot.enabled and kernels.uses_te:
+        raise ConfigError("--fewshot-eval generates with the live model through the torch-native attention "
+                          "(its KV cache): train with --attention-backend varlen (or sdpa), or evaluate saved "
+                          "checkpoints with llava-evaluate")
     _print_rank0(kernels.describe())
     model = build_model(
         cfg.model_config,
@@ -236,7 +240,8 @@ def run(cfg: TrainingConfig, device: torch.device, started: float) -> int:
                         train_iterator=train_iter, make_valid_iterator=make_valid, count_batch=batch_counter(cfg),
                         state=state, save_fn=save_fn, logger=logger,
                         poll_fn=_then(saver.finalize, exporter.poll) if exporter else saver.finalize if saver else None,
-                        device=device, log=_print_rank0, sources_fn=sources.at).train()
+                        device=device, log=_print_rank0, sources_fn=sources.at,
+                        fewshot_fn=_fewshot(cfg, model)).train()
     finally:
         if saver is not None:
             saver.close()
@@ -300,6 +305,28 @@ def _data_with_sources(cfg: TrainingConfig, consumed_samples: int):
         _print_rank0(line)
     train_ds, valid_ds = build_train_valid(cfg, origin)
     return train_ds, valid_ds, SourceCounter(train_ds, cfg.data.blend)
+
+
+def _fewshot(cfg: TrainingConfig, model):
+    """fewshot_fn(iteration) for the Trainer (--fewshot-eval), else None: the live model wrapped in
+    a generator, questions sharded over the data-parallel ranks."""
+    if not cfg.fewshot.enabled:
+        return None
+    from engine.data.tokenizer import build_tokenizer
+    from engine.evaluation.during_training import FewshotSettings, fewshot_eval
+    from engine.evaluation.sharding import World
+    from engine.inference import EngineGenerator
+
+    settings = FewshotSettings.from_config(cfg.fewshot)
+    tokenizer = build_tokenizer("sentencepiece", cfg.checkpoint.tokenizer_model)
+    world = World.current(tensor_parallel=cfg.parallel.tensor_model_parallel_size)
+    live = model.module  # the DDP-wrapped LLaVAModel
+
+    def run(iteration: int) -> dict:
+        return fewshot_eval(live, cfg.fewshot, iteration, world=world, settings=settings,
+                            make_generator=lambda m: EngineGenerator(m, cfg.model_config, tokenizer))
+
+    return run
 
 
 def _saver(cfg: TrainingConfig, model, optimizer, scheduler, sources=None):
