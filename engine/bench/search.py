@@ -18,6 +18,7 @@ setting (tokens/s) is the answer.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,15 @@ def search(settings: list[Setting], runner: Callable[[Setting], dict], log=print
     return best["result"] | {"pipeline": "search-best", "setting": best["setting"], "flags": best["flags"]}, attempts
 
 
+def _single_process_env() -> dict:
+    """An attempt is a one-process run with its own rendezvous: the caller's MASTER_PORT may be
+    taken (by the caller itself, or by the previous attempt's lingering socket)."""
+    from engine.convert.ranks import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    return env | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+
 def process_runner(benchmark_argv: list[str], timeout: float | None = None) -> Callable[[Setting], dict]:
     """Each setting as `python -m engine.cli.benchmark BENCHMARK_ARGV + its flags`, in a fresh
     process; its exit status OOM_EXIT means out of memory."""
@@ -105,7 +115,7 @@ def process_runner(benchmark_argv: list[str], timeout: float | None = None) -> C
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "row.jsonl"
             argv = [sys.executable, "-m", "engine.cli.benchmark", *benchmark_argv, *setting.flags(), "--json-out", str(out)]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_single_process_env())
             if proc.returncode == OOM_EXIT:
                 raise OutOfMemory(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "out of memory")
             if proc.returncode != 0:
