@@ -30,6 +30,9 @@ EXPECTED_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     # mcore's optimizer probes `param.grad` on the bf16/fp32 views of its gradient buffers
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
      r"megatron\.core\.optimizer\.optimizer"),
+    # torch.distributed.checkpoint's notices about the APIs megatron-core's dist-checkpointing calls
+    (UserWarning, r"The argument order of load has been changed", ""),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor", ""),
     # conversion and inference read a distributed checkpoint in one process, on purpose
     (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
                   r"in a single process", ""),
