@@ -1,5 +1,5 @@
-"""A test double of the generation API: the contract's types (used only where engine.inference
-is not installed) and a generator whose answers are scripted per request id.
+"""A test double of a generator (engine.inference's Generator contract) whose answers are scripted
+per request id.
 
 ScriptedGenerator keeps the Generator contract: results in request order; a request whose
 "<image>" markers do not match its images, or with a picture that cannot be opened, gets
@@ -10,57 +10,14 @@ the pixels (a 4x4 grey thumbnail), so similar pictures have similar features.
 
 from __future__ import annotations
 
-import importlib
 import io
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class Request:
-    id: str
-    prompt: str
-    images: tuple = ()
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int = 0
-    logprobs: bool = False
-
-
-@dataclass(frozen=True)
-class Result:
-    id: str
-    text: str = ""
-    token_ids: tuple[int, ...] = ()
-    finish_reason: str = ""
-    error: str | None = None
-    logprobs: tuple[float, ...] | None = None
-    prompt_length: int = 0
-
-
-def install_api_if_missing(monkeypatch) -> types.ModuleType:
-    """engine.inference: the real module when present, else these contract types."""
-    try:
-        return importlib.import_module("engine.inference")
-    except ImportError:
-        mod = types.ModuleType("engine.inference")
-        mod.Request, mod.SamplingParams, mod.Result = Request, SamplingParams, Result
-        mod.__test_double__ = True
-        monkeypatch.setitem(sys.modules, "engine.inference", mod)
-        return mod
+from engine.inference import Result
 
 
 def _open(image) -> Image.Image:
@@ -82,21 +39,20 @@ class ScriptedGenerator:
         self.calls: list[tuple[list, object]] = []
 
     def _result(self, req, params):
-        api = sys.modules["engine.inference"]
         if req.prompt.count("<image>") != len(req.images):
-            return api.Result(id=req.id, finish_reason="error", error="marker count differs from images")
+            return Result(id=req.id, finish_reason="error", error="marker count differs from images")
         try:
             for im in req.images:
                 _open(im)
         except Exception as e:
-            return api.Result(id=req.id, finish_reason="error", error=f"bad image: {e}")
+            return Result(id=req.id, finish_reason="error", error=f"bad image: {e}")
         text = self.answers.get(req.id, self.default)
         text = text(req) if callable(text) else text
         finish = "eos"
         for s in params.stop:
             if s in text:
                 text, finish = text.split(s, 1)[0], "stop"
-        return api.Result(id=req.id, text=text, finish_reason=finish,
+        return Result(id=req.id, text=text, finish_reason=finish,
                           prompt_length=len(req.prompt.split()) + self.tokens_per_image * len(req.images))
 
     def generate(self, requests, params):

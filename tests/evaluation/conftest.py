@@ -1,10 +1,9 @@
 """Fixtures of the evaluation tests: benchmark folders in the official layouts and the
-generation API (the real one, or the contract's types where it is not installed)."""
+generation API module."""
 
 import pytest
 
 from _eval_layouts import write_all
-from _scripted import install_api_if_missing
 
 
 @pytest.fixture
@@ -13,5 +12,7 @@ def data_root(tmp_path):
 
 
 @pytest.fixture
-def inference_api(monkeypatch):
-    return install_api_if_missing(monkeypatch)
+def inference_api():
+    import engine.inference
+
+    return engine.inference
