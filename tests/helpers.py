@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.convert.ranks import free_port  # noqa: F401  (the one free-port helper, for the tests too)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tokenizer_path() -> str:

@@ -98,7 +98,7 @@ def search(settings: list[Setting], runner: Callable[[Setting], dict], log=print
     return best["result"] | {"pipeline": "search-best", "setting": best["setting"], "flags": best["flags"]}, attempts
 
 
-def _single_process_env() -> dict:
+def single_process_env() -> dict:
     """An attempt is a one-process run with its own rendezvous: the caller's MASTER_PORT may be
     taken (by the caller itself, or by the previous attempt's lingering socket)."""
     from engine.convert.ranks import free_port
@@ -115,7 +115,7 @@ def process_runner(benchmark_argv: list[str], timeout: float | None = None) -> C
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "row.jsonl"
             argv = [sys.executable, "-m", "engine.cli.benchmark", *benchmark_argv, *setting.flags(), "--json-out", str(out)]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_single_process_env())
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=single_process_env())
             if proc.returncode == OOM_EXIT:
                 raise OutOfMemory(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "out of memory")
             if proc.returncode != 0:

@@ -33,7 +33,6 @@ def test_kernel_timeline_counts_overlap_once(tmp_path):
 
 # --------------------------------------------------------------------------- --search (engine/bench/search.py)
 
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -127,14 +126,6 @@ def sample_data(tmp_path_factory, tokenizer_model):
     return str(prefix)
 
 
-def _own_rendezvous() -> dict:
-    """The benchmark's environment: this test process may hold a process group on MASTER_PORT."""
-    from helpers import free_port
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    return env | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-
-
 @pytest.mark.slow
 def test_search_on_cpu_with_the_tiny_preset(sample_data, tmp_path):
     """The real thing, one process per attempt: on a CPU nothing runs out of memory, so the first
@@ -143,7 +134,7 @@ def test_search_on_cpu_with_the_tiny_preset(sample_data, tmp_path):
     argv = ["--preset", "tiny", "--data-prefix", sample_data, "--seq-length", "1536", "--steps", "1", "--warmup", "1",
             "--global-batch-size", "2", "--num-workers", "0", "--search", "--json-out", str(out)]
     subprocess.run([sys.executable, "-m", "engine.cli.benchmark", *argv], check=True, cwd=REPO, timeout=600,
-                   env=_own_rendezvous())
+                   env=search.single_process_env())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["outcome"] for r in rows[:-1]] == ["ok"] + ["skipped"] * 11
     best = rows[-1]
@@ -158,6 +149,6 @@ def test_plain_run_with_recompute_flags(sample_data, tmp_path):
             "--global-batch-size", "2", "--num-workers", "0", "--recompute-granularity", "full",
             "--recompute-method", "block", "--recompute-num-layers", "2", "--json-out", str(out)]
     subprocess.run([sys.executable, "-m", "engine.cli.benchmark", *argv], check=True, cwd=REPO, timeout=600,
-                   env=_own_rendezvous())
+                   env=search.single_process_env())
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["pipeline"] == "engine" and row["config"]["recompute"] == "full/block/2" and row["tokens_per_s"] > 0
