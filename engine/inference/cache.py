@@ -10,6 +10,10 @@ A forward through the model carries a `CacheStep` in `PackedDocuments.kv_cache`
 only: its documents start at position 0, so attention within the packed prompts already sees
 every key. The indices are built on the host from the scheduler's own bookkeeping and copied to
 the device without waiting, so a step never syncs.
+
+`decode_all` is the decode step in fixed shapes, the one a CUDA graph captures
+(engine.inference.graphs): every slot decodes, each reads the same `read_len` keys, and the
+mask comes from the slots' positions on the device, so no index is built on the host.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
+        self.slot_ids = torch.arange(slots, device=device)
+        self.key_positions = torch.arange(max_len, device=device)
 
     def fits(self, slots: int, max_len: int, dtype: torch.dtype) -> bool:
         return self.slots >= slots and self.max_len >= max_len and self.k.dtype == dtype
@@ -57,6 +63,12 @@ class KVCache:
             valid = torch.arange(read_len)[None, :] <= torch.tensor(positions)[:, None]
             mask = to_device(valid[:, None, None, :], self.k.device)  # [B, 1, 1, L]
         return CacheStep(self, True, self._dev(slots), self._dev(positions), read_slots, read_len, mask)
+
+    def decode_all(self, positions: Tensor, read_len: int) -> "CacheStep":
+        """One new token in every slot, at `positions` [slots] (a device tensor); keys read up to
+        `read_len`, each slot masked past its own position."""
+        mask = self.key_positions[:read_len][None, :] <= positions[:, None]
+        return CacheStep(self, True, self.slot_ids, positions, slice(0, self.slots), read_len, mask[:, None, None, :])
 
     def _dev(self, values: list[int]) -> Tensor:
         return to_device(torch.tensor(values, dtype=torch.int64), self.k.device)

@@ -68,25 +68,38 @@ def load_model(path: str | Path, dtype: torch.dtype, cfg):
     return model
 
 
+DECODE_MODES = ("auto", "eager", "static", "graphs")
+
+
 class EngineGenerator:
-    """Batched generation with a KV cache (see engine.inference.scheduler)."""
+    """Batched generation with a KV cache (see engine.inference.scheduler).
+
+    `decode`: how decode steps run. "eager": only the live sequences, op by op; "static": every
+    slot in fixed shapes (engine.inference.graphs), op by op; "graphs": the fixed-shape step
+    replayed from CUDA graphs; "auto": graphs on CUDA, eager elsewhere. All give the same tokens
+    (up to the kernels' rounding on CUDA)."""
 
     def __init__(self, model, cfg, tokenizer, *, batch_size: int = 16, prefill_tokens: int = 32768,
-                 owns_process_group: bool = False):
+                 owns_process_group: bool = False, decode: str = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.batch_size, self.prefill_tokens = batch_size, prefill_tokens
         self.tokens_per_image = cfg.vision.tokens_per_image
         self.max_context = cfg.language.max_position_embeddings
         self.runner = ModelRunner(model, self.max_context)
         self.banned = torch.tensor(banned_ids(cfg), device=self.runner.device)
-        self._cache = None
+        cuda = self.runner.device.type == "cuda"
+        self.decode_mode = ("graphs" if cuda else "eager") if decode == "auto" else decode
+        self._cache = self._decoder = None
         self._owns_process_group = owns_process_group
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, tp: int | None = None, dtype: torch.dtype | None = None,
-                        batch_size: int = 16, tokenizer=None, prefill_tokens: int = 32768) -> "EngineGenerator":
+                        batch_size: int = 16, tokenizer=None, prefill_tokens: int = 32768,
+                        decode: str = "auto") -> "EngineGenerator":
         """`path`: a save directory or one iter_* directory. `tokenizer`: a Tokenizer or a path
         (default: the tokenizer.model stored next to the checkpoint)."""
         from engine.convert.engine_io import find_tokenizer, read_checkpoint_config
@@ -101,11 +114,11 @@ class EngineGenerator:
         _, created = init_process_group(tp)
         model = load_model(path, dtype, cfg)
         return cls(model, cfg, tokenizer, batch_size=batch_size, prefill_tokens=prefill_tokens,
-                   owns_process_group=created)
+                   owns_process_group=created, decode=decode)
 
     def close(self) -> None:
         """Free the cache; tear down the process group if `from_checkpoint` made it."""
-        self._cache = None
+        self._cache = self._decoder = None
         if self._owns_process_group:
             from engine.platform import destroy_distributed
 
@@ -132,9 +145,17 @@ class EngineGenerator:
         return items, errors
 
     def _cache_for(self, slots: int, max_len: int):
-        if self._cache is None or not self._cache.fits(slots, max_len, self.runner.dtype):
-            self._cache = None  # free the old one first
+        """The KV cache (and the decode-step runner bound to it) for `slots` x `max_len`. The
+        fixed-shape decode runs every slot of its cache, so it gets a cache of exactly `slots`."""
+        from engine.inference.graphs import StaticDecoder
+
+        static = self.decode_mode != "eager"
+        reuse = self._cache is not None and self._cache.fits(slots, max_len, self.runner.dtype)
+        if not reuse or (static and self._cache.slots != slots):
+            self._cache = self._decoder = None  # free the old ones first
             self._cache = self.runner.new_cache(slots, max_len)
+            if static:
+                self._decoder = StaticDecoder(self.runner, self._cache, graphs=self.decode_mode == "graphs")
         return self._cache
 
     def generate(self, requests: Seq[Request], params: SamplingParams = SamplingParams()) -> list[Result]:
@@ -144,8 +165,9 @@ class EngineGenerator:
             seqs = new_sequences(items, params, self.max_context, self.runner.device)
             slots = min(self.batch_size, len(seqs))
             max_len = min(self.max_context, max(s.prompt.length for s in seqs) + params.max_new_tokens)
-            run_batched(self.runner, self._cache_for(slots, max_len), seqs, slots=slots,
-                        prefill_tokens=self.prefill_tokens, banned=self.banned, tokenizer=self.tokenizer)
+            cache = self._cache_for(slots, max_len)
+            run_batched(self.runner, cache, seqs, slots=slots, prefill_tokens=self.prefill_tokens,
+                        banned=self.banned, tokenizer=self.tokenizer, decoder=self._decoder)
             results.update({s.index: s.result(self.tokenizer) for s in seqs})
         return [results[i] for i in range(len(requests))]
 

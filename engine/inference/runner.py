@@ -78,6 +78,21 @@ class ModelRunner:
         hidden = self._decoder(hidden, self._documents([1] * len(slots), pos, cache.decode(slots, positions)))
         return self._logits(hidden)
 
+    @torch.no_grad()
+    def decode_all(self, tokens: Tensor, positions: Tensor, cache: KVCache, read_len: int,
+                   cu_seqlens: tuple[Tensor, Tensor]) -> Tensor:
+        """The decode step in fixed shapes (engine.inference.graphs captures it): every slot of the
+        cache decodes one token, `tokens`/`positions` [slots] on the device, keys read up to
+        `read_len`. `cu_seqlens`: the (host, device) offsets of `slots` one-token documents, made
+        once. Returns fp32 logits [slots, padded vocab]; no host work depends on device values."""
+        hidden = self.lm.embedding(input_ids=tokens.view(1, -1), position_ids=None)  # [S, 1, H]
+        cu, cu_device = cu_seqlens
+        docs = PackedDocuments(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=1, max_seqlen_kv=1,
+                               cu_seqlens_device=cu_device, lengths=(1,) * cache.slots,
+                               rope_cos=self.cos[positions], rope_sin=self.sin[positions],
+                               kv_cache=cache.decode_all(positions, read_len))
+        return self._logits(self._decoder(hidden, docs))
+
     def _decoder(self, hidden: Tensor, docs: PackedDocuments) -> Tensor:
         return self.lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=None, packed_seq_params=docs)
 

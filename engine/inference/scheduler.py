@@ -84,8 +84,9 @@ def advance(seqs: list[Sequence], logits, params: SamplingParams, banned, tokeni
 
 
 def run_batched(runner, cache, seqs: list[Sequence], *, slots: int, prefill_tokens: int, banned,
-                tokenizer) -> None:
-    """Generate every sequence to its end (results stay in the Sequence objects)."""
+                tokenizer, decoder=None) -> None:
+    """Generate every sequence to its end (results stay in the Sequence objects). `decoder`: an
+    engine.inference.graphs.StaticDecoder for the decode steps (None: `runner.decode`)."""
     params = seqs[0].params
     waiting, live, free = deque(seqs), [], list(range(slots))
     while waiting or live:
@@ -98,6 +99,9 @@ def run_batched(runner, cache, seqs: list[Sequence], *, slots: int, prefill_toke
         if admitted:
             logits = runner.prefill([s.prompt for s in admitted], [s.slot for s in admitted], cache)
             live += advance(admitted, logits, params, banned, tokenizer)
+        elif live and decoder is not None:
+            logits = decoder.step([s.slot for s in live], [s.ids[-1] for s in live], [s.position for s in live])
+            live = advance(live, logits, params, banned, tokenizer)
         elif live:
             tokens = to_device(torch.tensor([s.ids[-1] for s in live]), runner.device)
             logits = runner.decode(tokens, [s.slot for s in live], [s.position for s in live], cache)

@@ -66,6 +66,36 @@ def test_batch_composition_and_continuous_batching(engine, requests_, greedy):
     assert [r.token_ids for r in mixed] == [r.token_ids[:3] for r in greedy[:6]]
 
 
+@pytest.mark.parametrize("bucket", [256, 4])
+def test_fixed_shape_decode_gives_the_same_tokens(engine, requests_, greedy, monkeypatch, bucket):
+    """The decode step a CUDA graph replays (every slot, idle ones too, keys read to a bucketed
+    length under a per-slot mask), eagerly here: the dynamic path's tokens, with slots freed and
+    refilled (20 requests through 3 slots) and, with 4-position buckets, every step crossing
+    into a longer read."""
+    from engine.inference import graphs
+
+    monkeypatch.setattr(graphs, "BUCKET", bucket)
+    saved = engine.batch_size, engine.decode_mode, engine._cache, engine._decoder
+    try:
+        engine.decode_mode, engine._cache, engine._decoder = "static", None, None
+        engine.batch_size = 3
+        assert _tokens(engine.generate(requests_, GREEDY)) == _tokens(greedy)
+        assert isinstance(engine._decoder, graphs.StaticDecoder) and engine._cache.slots == 3
+        assert not engine._decoder.graphs  # no CUDA here: the same step, run op by op
+        mixed = engine.generate(requests_[:5], dataclasses.replace(GREEDY, max_new_tokens=2))
+        assert [r.token_ids for r in mixed] == [r.token_ids[:2] for r in greedy[:5]]
+    finally:
+        engine.batch_size, engine.decode_mode, engine._cache, engine._decoder = saved
+
+
+def test_decode_mode_is_checked(engine):
+    from engine.inference import EngineGenerator
+
+    with pytest.raises(ValueError, match="decode must be one of"):
+        EngineGenerator(engine.model, engine.cfg, engine.tokenizer, decode="fast")
+    assert engine.decode_mode == "eager"  # "auto" off CUDA
+
+
 def test_stop_strings_and_max_new_tokens(engine, requests_, greedy, tokenizer_model):
     target = next(r for r in greedy if len(set(r.token_ids)) >= 4)
     req = next(q for q in requests_ if q.id == target.id)
