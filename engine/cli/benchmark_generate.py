@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=None, help="override the language model's layer count")
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--decode-modes", default=None,
+                   help="decode-step modes timed at batch 1, the first also used for the VQA requests "
+                        "(engine.inference.EngineGenerator: graphs, static, eager; default: graphs,eager on "
+                        "CUDA, eager on the CPU)")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth in GB/s (default: measured)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--images", type=int, default=5)
@@ -99,6 +103,15 @@ def vqa_requests(n: int, images: int, words: int, size: int):
         prompt = " <image> ".join(parts) + " Answer:"
         out.append(Request(f"q{i}", prompt, tuple(pics)))
     return out
+
+
+def bench_decode_modes(engine, modes: list[str], tokens: int, bandwidth: float) -> dict:
+    """{mode: bench_decode} for each decode-step mode; the engine is left in the first."""
+    out = {}
+    for mode in reversed(modes):
+        engine.decode_mode, engine._cache, engine._decoder = mode, None, None
+        out[mode] = bench_decode(engine, tokens, bandwidth)
+    return {m: out[m] for m in modes}
 
 
 def bench_decode(engine, tokens: int, bandwidth: float) -> dict:
@@ -208,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         device = engine.runner.device
         bandwidth = args.bandwidth_gbs or measure_bandwidth(device)
         requests = vqa_requests(args.requests, args.images, args.text_tokens, engine.cfg.vision.image_size)
+        modes = (args.decode_modes or ("graphs,eager" if device.type == "cuda" else "eager")).split(",")
+        by_mode = bench_decode_modes(engine, modes, args.decode_tokens, bandwidth)
         result = {"preset": engine.cfg.name, "num_layers": engine.cfg.language.num_layers,
                   "dtype": str(engine.runner.dtype).removeprefix("torch."), "device": str(device),
                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                  "decode": bench_decode(engine, args.decode_tokens, bandwidth),
+                  "decode_mode": modes[0], "decode": by_mode[modes[0]], "decode_by_mode": by_mode,
                   "vqa": bench_vqa(engine, hf, args, requests)}
     finally:
         engine.close()

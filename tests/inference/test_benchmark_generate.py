@@ -23,12 +23,14 @@ def test_benchmark_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "gen.json"
     argv = ["--preset", "tiny", "--decode-tokens", "4", "--requests", "3", "--images", "2", "--text-tokens", "30",
             "--new-tokens", "3", "--batch-size", "2", "--hf-batch-sizes", "1,2", "--seed-requests", "1",
-            "--json-out", str(out)]
+            "--decode-modes", "static,eager", "--json-out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
     decode, vqa = result["decode"], result["vqa"]
     assert result["preset"] == "tiny" and result["dtype"] == "float32"
+    assert result["decode_mode"] == "static" and list(result["decode_by_mode"]) == ["static", "eager"]
+    assert decode == result["decode_by_mode"]["static"]
     assert decode["tokens_per_s"] > 0 and decode["bandwidth_gbs"] > 0
     assert decode["weight_bytes"] > 4 * 32064 * 64 * 2  # embedding and output layer alone, fp32
     assert decode["roofline_fraction"] == pytest.approx(decode["tokens_per_s"] / decode["roofline_tokens_per_s"])
