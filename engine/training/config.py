@@ -176,6 +176,7 @@ class CheckpointSettings:
     dist_ckpt_optim_fully_reshardable: bool
     ckpt_save_threads: int
     pretrained_checkpoint: str | None
+    no_save_optim: bool  # weights, schedule and data position only (resume with --no-load-optim)
     no_load_optim: bool
     no_load_rng: bool
 

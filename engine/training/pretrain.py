@@ -339,7 +339,7 @@ def _saver(cfg: TrainingConfig, model, optimizer, scheduler, sources=None):
         return None, None
     saver = Saver(c.save, keep_last=c.keep_last, async_save=c.async_save, log=_print_rank0,
                        optim_layout="reshardable" if c.dist_ckpt_optim_fully_reshardable else "dp",
-                       threads=c.ckpt_save_threads)
+                       threads=c.ckpt_save_threads, with_optimizer=not c.no_save_optim)
     run_args = cfg.to_dict()
     return saver, lambda s: saver.save(s.iteration, model, optimizer, scheduler, s.consumed_samples,
                                        cfg.model_config, run_args,

@@ -45,7 +45,7 @@ class Saver:
     parallel save). Built on every rank (it creates the agreement group, a collective call)."""
 
     def __init__(self, root: str | Path, keep_last: int | None = None, async_save: bool = False,
-                 log=print, optim_layout: str = "dp", threads: int = 2):
+                 log=print, optim_layout: str = "dp", threads: int = 2, with_optimizer: bool = True):
         if optim_layout not in OPTIM_LAYOUTS:
             raise ValueError(f"optim_layout must be one of {sorted(OPTIM_LAYOUTS)}, got {optim_layout!r}")
         self.root = Path(root)
@@ -53,6 +53,7 @@ class Saver:
         self.log = log
         self.optim_metadata = OPTIM_LAYOUTS[optim_layout]
         self.threads = threads
+        self.with_optimizer = with_optimizer  # False: --no-save-optim
         multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         self.group = torch.distributed.new_group(backend="gloo") if multi else None
         self.async_queue = None
@@ -83,6 +84,7 @@ class Saver:
                 agreement.tmp.mkdir()
         agreement.agree()
 
+        optimizer = optimizer if self.with_optimizer else None
         with agreement.phase():
             state = _state_dict(model, optimizer, loading=False, with_optimizer=True, with_rng=True,
                                 optim_metadata=self.optim_metadata)

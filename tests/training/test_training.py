@@ -186,3 +186,22 @@ def test_start_from_pretrained_weights(reference, tiny_dataset, tmp_path):
                        tmp_path / "logs2")
     assert "resumed from" in ranks[0].output and "loaded pretrained weights" not in ranks[0].output
     assert [r["iteration"] for r in helpers.read_jsonl(tmp_path / "log2.jsonl", "train")] == [2]
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_no_save_optim_saves_weights_only(reference, tiny_dataset, tmp_path):
+    """--no-save-optim: the checkpoint holds the weights but no optimizer state, so it is a
+    fraction of the size; resuming it needs --no-load-optim (without, the run says so and stops)."""
+    train, _ = _resume(tmp_path, reference, tiny_dataset, 1, "--no-save-optim", "--exit-interval", 5)
+    assert [r["iteration"] for r in train] == [5]
+    saved, full = tmp_path / "ckpt" / "iter_0000005", reference["root"] / "ckpt" / "iter_0000004"
+    assert _size(saved) < 0.5 * _size(full)
+    argv = ["--config", reference["config"], *_common(tiny_dataset), "--num-workers", 0, "--load", tmp_path / "ckpt"]
+    ranks = helpers.run_ranks(argv, 1, tmp_path / "logs_plain", check=False)
+    assert ranks[0].proc.returncode == 2 and "--no-load-optim" in ranks[0].output
+    log = tmp_path / "resumed.jsonl"
+    helpers.run_ranks(argv + ["--no-load-optim", "--log-jsonl", log], 1, tmp_path / "logs_weights")
+    assert [r["iteration"] for r in helpers.read_jsonl(log, "train")] == [6]
