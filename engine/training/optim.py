@@ -75,6 +75,9 @@ def build_optimizer(model_chunks: list, cfg: TrainingConfig):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather_active,
         optimizer_cpu_offload=opt.optimizer_cpu_offload,
+        # With offload the fp32 main weights live only in the HybridDeviceOptimizer (host copies
+        # for the offloaded share): the distributed optimizer keeps no fp32 copy on the GPU.
+        use_precision_aware_optimizer=opt.optimizer_cpu_offload,
         optimizer_offload_fraction=opt.optimizer_offload_fraction,
         overlap_cpu_optimizer_d2h_h2d=opt.overlap_cpu_optimizer_d2h_h2d,
         # Pinned host buffers make the transfers asynchronous; pinning needs CUDA.
