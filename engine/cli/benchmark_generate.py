@@ -69,7 +69,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
     _sync()
     start = time.perf_counter()
     fn()
@@ -83,7 +83,7 @@ def measure_bandwidth(device) -> float:
     a = torch.empty(n, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
-    best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
+    best = min(timed(lambda: b.copy_(a)) for _ in range(5))
     return 2 * a.numel() * 4 / best / 1e9
 
 
@@ -119,8 +119,8 @@ def bench_decode(engine, tokens: int, bandwidth: float) -> dict:
 
     req = [Request("d", " ".join(f"w{j}" for j in range(32)))]
     engine.generate(req, SamplingParams(max_new_tokens=min(tokens, 8)))  # warm-up
-    one = min(_timed(lambda: engine.generate(req, SamplingParams(max_new_tokens=1))) for _ in range(3))
-    full = min(_timed(lambda: engine.generate(req, SamplingParams(max_new_tokens=tokens))) for _ in range(2))
+    one = min(timed(lambda: engine.generate(req, SamplingParams(max_new_tokens=1))) for _ in range(3))
+    full = min(timed(lambda: engine.generate(req, SamplingParams(max_new_tokens=tokens))) for _ in range(2))
     per_token = max(full - one, 1e-9) / (tokens - 1)
     weights = sum(p.numel() * p.element_size() for p in engine.model.language_model.parameters())
     roofline = bandwidth * 1e9 / weights
@@ -129,7 +129,7 @@ def bench_decode(engine, tokens: int, bandwidth: float) -> dict:
 
 
 def _rate(fn, n: int) -> float:
-    return n / _timed(fn)
+    return n / timed(fn)
 
 
 def bench_vqa(engine, hf, args, requests) -> dict:
@@ -167,8 +167,11 @@ def bench_vqa(engine, hf, args, requests) -> dict:
     return out
 
 
-def build_models(args):
-    """(EngineGenerator, HFGenerator or None) with the same random weights."""
+def build_models(preset: str | None = None, *, num_layers: int | None = None, dtype: str | None = None,
+                 batch_size: int = 32, hf: bool = True, tokenizer=None):
+    """(EngineGenerator, HFGenerator or None) with the same random weights of `preset` (default:
+    llava-1.5-7b on GPU, tiny on CPU), both reading prompts with `tokenizer` (default: the
+    WordTokenizer)."""
     from engine.config import get_preset
     from engine.convert.io import parse_dtype
     from engine.inference import EngineGenerator, HFGenerator
@@ -176,17 +179,16 @@ def build_models(args):
     from engine.platform import setup_platform
 
     cuda = setup_platform().device == "cuda"
-    cfg = get_preset(args.preset or ("llava-1.5-7b" if cuda else "tiny"))
-    if args.num_layers:
-        cfg = cfg.replace(num_layers=args.num_layers)
-    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if cuda else torch.float32)
+    cfg = get_preset(preset or ("llava-1.5-7b" if cuda else "tiny"))
+    if num_layers:
+        cfg = cfg.replace(num_layers=num_layers)
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if cuda else torch.float32)
+    tokenizer = tokenizer or WordTokenizer()
     _, owns = init_process_group(1)
     model = build_inference_model(cfg, dtype, initialize=True)
-    engine = EngineGenerator(model, cfg, WordTokenizer(), batch_size=args.batch_size, owns_process_group=owns)
-    hf = None
-    if not args.skip_hf:
-        hf = HFGenerator(_hf_copy(model, cfg, dtype), cfg, WordTokenizer())
-    return engine, hf
+    engine = EngineGenerator(model, cfg, tokenizer, batch_size=batch_size, owns_process_group=owns)
+    reference = HFGenerator(_hf_copy(model, cfg, dtype), cfg, tokenizer) if hf else None
+    return engine, reference
 
 
 def _hf_copy(model, cfg, dtype):
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_tokens < 2 or args.requests < 1 or args.new_tokens < 1:
         print("error: need --decode-tokens >= 2, --requests >= 1, --new-tokens >= 1", file=sys.stderr)
         return 2
-    engine, hf = build_models(args)
+    engine, hf = build_models(args.preset, num_layers=args.num_layers, dtype=args.dtype,
+                              batch_size=args.batch_size, hf=not args.skip_hf)
     try:
         device = engine.runner.device
         bandwidth = args.bandwidth_gbs or measure_bandwidth(device)

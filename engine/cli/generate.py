@@ -115,9 +115,9 @@ def _generator(args, dtype):
         raise ValueError("--tp applies to --checkpoint (the engine) only")
     tokenizer = None
     if args.tokenizer:
-        from engine.data.tokenizer import build_tokenizer
+        from engine.data.tokenizer import load_tokenizer
 
-        tokenizer = build_tokenizer("hf" if Path(args.tokenizer).is_dir() else "sentencepiece", args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     return HFGenerator.from_pretrained(args.hf_model, dtype=dtype, batch_size=args.batch_size, tokenizer=tokenizer)
 
 

@@ -110,6 +110,12 @@ def build_tokenizer(tokenizer_type: str, model_path: str | os.PathLike) -> Token
     raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose sentencepiece or hf")
 
 
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer by its path alone: a directory is a Hugging Face tokenizer, a file a
+    SentencePiece model."""
+    return build_tokenizer("hf" if os.path.isdir(path) else "sentencepiece", path)
+
+
 def _chunks(segments: Sequence[str | None]) -> list[str]:
     """The text between images (one more chunk than there are images), per the module docstring."""
     chunks, run, prev_image = [], [], False

@@ -104,7 +104,9 @@ def prepare(s: EvalSettings, data_root: Path, encoder: Encoder | None, world: Wo
     return bench, good, selections, pool, errors, pool_errors
 
 
-def _answer(generator, bench: Benchmark, s: EvalSettings, shots: int, mine, pool, progress) -> list[dict]:
+def answer(generator, bench: Benchmark, s: EvalSettings, shots: int, mine, pool, progress=lambda n: None) -> list[dict]:
+    """One record per (question, selection) of `mine` at `shots` shots: build the prompts, generate
+    (`s.batch_size` requests at a time), score; a refused request becomes {"error": record}."""
     from engine.inference import Request, SamplingParams
 
     params = SamplingParams(max_new_tokens=bench.max_new_tokens, temperature=0.0,
@@ -143,7 +145,7 @@ def run_benchmark(generator, data_root: Path, s: EvalSettings, *, encoder: Encod
     mine = world.shard(list(zip(good, selections)))
     bar = _progress(len(mine) * len(s.shots), f"{bench.name} ({world.size} rank(s))", progress and world.rank == 0)
     for shots in s.shots:
-        records = world.merge(_answer(generator, bench, s, shots, mine, pool, bar.update))
+        records = world.merge(answer(generator, bench, s, shots, mine, pool, bar.update))
         run.errors += [_error(bench.name, shots, it, why) for it, why in bad]
         run.errors += [r["error"] for r in records if "error" in r]
         run.predictions += [r for r in records if "error" not in r]

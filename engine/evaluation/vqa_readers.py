@@ -16,11 +16,20 @@ from pathlib import Path
 from engine.evaluation.items import BenchmarkDataError, Item, load_json, require
 
 
+def okvqa_files(root: Path, split: str) -> tuple[Path, Path]:
+    """(questions file, annotations file) of one OK-VQA split."""
+    return root / f"OpenEnded_mscoco_{split}2014_questions.json", root / f"mscoco_{split}2014_annotations.json"
+
+
+def okvqa_image(root: Path, split: str, image_id: int) -> Path:
+    """The COCO picture of `image_id` in one OK-VQA split."""
+    return root / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg"
+
+
 def read_okvqa(root: Path, split: str) -> list[Item]:
     if split not in ("train", "val"):
         raise BenchmarkDataError(f"okvqa: split must be train or val, got {split!r}")
-    qpath = root / f"OpenEnded_mscoco_{split}2014_questions.json"
-    apath = root / f"mscoco_{split}2014_annotations.json"
+    qpath, apath = okvqa_files(root, split)
     questions = require(load_json(qpath), "questions", str(qpath), list)
     annotations = require(load_json(apath), "annotations", str(apath), list)
     answers: dict[str, tuple[str, ...]] = {}
@@ -36,9 +45,9 @@ def read_okvqa(root: Path, split: str) -> list[Item]:
         image_id = int(require(q, "image_id", where, (int, str)))
         if qid not in answers:
             raise BenchmarkDataError(f"{apath}: no annotation for question_id {qid} (from {where})")
-        name = f"COCO_{split}2014_{image_id:012d}.jpg"
+        image = okvqa_image(root, split, image_id)
         items.append(Item(id=qid, question=str(require(q, "question", where, str)),
-                          image=root / f"{split}2014" / name, image_key=name, answers=answers[qid]))
+                          image=image, image_key=image.name, answers=answers[qid]))
     return items
 
 

@@ -103,13 +103,13 @@ class EngineGenerator:
         """`path`: a save directory or one iter_* directory. `tokenizer`: a Tokenizer or a path
         (default: the tokenizer.model stored next to the checkpoint)."""
         from engine.convert.engine_io import find_tokenizer, read_checkpoint_config
-        from engine.data.tokenizer import build_tokenizer
+        from engine.data.tokenizer import load_tokenizer
         from engine.platform import setup_platform
 
         _, cfg, _ = read_checkpoint_config(path)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             spm = tokenizer or find_tokenizer(path)
-            tokenizer = build_tokenizer("hf" if Path(spm).is_dir() else "sentencepiece", spm)
+            tokenizer = load_tokenizer(spm)
         dtype = dtype or (torch.bfloat16 if setup_platform().device == "cuda" else torch.float32)
         _, created = init_process_group(tp)
         model = load_model(path, dtype, cfg)

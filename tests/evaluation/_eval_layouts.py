@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.evaluation.synthetic import VqaEntry, write_okvqa_split
+
 PHOTOS = Path(__file__).resolve().parents[2] / "examples" / "data" / "images" / "skimage"
 NAMES = ["astronaut", "camera", "coffee", "chelsea", "rocket", "motorcycle_left", "clock", "coins",
          "page", "text", "moon", "brick"]
@@ -34,18 +36,9 @@ VQA_ANSWERS = ["cat", "cat", "cat", "dog", "dog", "kitten", "cat", "a cat", "cat
 
 def write_okvqa(root: Path, n_train: int = 4, n_val: int = 3) -> Path:
     for split, n, base in (("train", n_train, 100), ("val", n_val, 200)):
-        qs, anns = [], []
-        for i in range(n):
-            qid, image_id = base + i, 1000 + base + i
-            qs.append({"image_id": image_id, "question": f"What is shown in picture {i}?", "question_id": qid})
-            anns.append({"question_id": qid, "image_id": image_id, "question_type": "other",
-                         "answers": [{"answer": a, "raw_answer": a, "answer_confidence": "yes", "answer_id": j + 1}
-                                     for j, a in enumerate(VQA_ANSWERS)]})
-            dst = root / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(photo(base + i), dst)
-        _dump(root / f"OpenEnded_mscoco_{split}2014_questions.json", {"questions": qs})
-        _dump(root / f"mscoco_{split}2014_annotations.json", {"annotations": anns})
+        entries = [VqaEntry(base + i, 1000 + base + i, f"What is shown in picture {i}?", tuple(VQA_ANSWERS))
+                   for i in range(n)]
+        write_okvqa_split(root, split, entries, lambda k, dst, base=base: shutil.copy(photo(base + k), dst))
     return root
 
 
