@@ -159,11 +159,13 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def start_ranks(argv: list, nproc: int, logdir: Path) -> list[Rank]:
-    """`nproc` ranks of one run, the way torchrun starts them; rank r logs to LOGDIR/rank{r}.log."""
+def start_ranks(argv: list, nproc: int, logdir: Path, driver: str | None = None) -> list[Rank]:
+    """`nproc` ranks of one run, the way torchrun starts them; rank r logs to LOGDIR/rank{r}.log.
+    `driver`: as for `start_pretrain`."""
     logdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    return [start_pretrain(argv, logdir / f"rank{r}.log", rank=r, world=nproc, port=port) for r in range(nproc)]
+    return [start_pretrain(argv, logdir / f"rank{r}.log", rank=r, world=nproc, port=port, driver=driver)
+            for r in range(nproc)]
 
 
 def wait_ranks(ranks: list[Rank], timeout: float = 300) -> list[int]:
@@ -181,9 +183,10 @@ def wait_ranks(ranks: list[Rank], timeout: float = 300) -> list[int]:
     return codes
 
 
-def run_ranks(argv: list, nproc: int, logdir: Path, timeout: float = 300, check: bool = True) -> list[Rank]:
+def run_ranks(argv: list, nproc: int, logdir: Path, timeout: float = 300, check: bool = True,
+              driver: str | None = None) -> list[Rank]:
     """Run to completion; with `check`, fail showing every rank's output unless all exit 0."""
-    ranks = start_ranks(argv, nproc, logdir)
+    ranks = start_ranks(argv, nproc, logdir, driver)
     codes = wait_ranks(ranks, timeout)
     if check and any(codes):
         logs = "\n".join(f"--- rank {i} (exit {c}) ---\n{r.output[-6000:]}" for i, (r, c) in

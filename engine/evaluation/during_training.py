@@ -12,6 +12,10 @@ mode each module had, runs under torch.no_grad, and generates greedily (no sampl
 Questions are sharded over the data-parallel ranks given by `world`; every rank returns the
 same dict. Demonstrations are random by default here (seeded per question, so every evaluation
 of the run sees the same prompts); `--fewshot-eval-demos rices` uses the live vision tower.
+
+A live model with the Transformer Engine layer spec is generated with through a torch-native
+copy of it (engine/inference/live.py; the trainer's `make_generator` wraps that copy), which
+holds a second copy of this rank's weights while an evaluation runs.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from engine.evaluation.sharding import World
 def add_fewshot_flags(group) -> None:
     """The training flags (on an argparse parser or argument group)."""
     group.add_argument("--fewshot-eval", nargs="+", default=[], metavar="BENCH:SHOTS",
-                       help="benchmarks and shot counts to evaluate during training, e.g. okvqa:0,4 textvqa:4")
+                       help="benchmarks and shot counts to evaluate during training, e.g. okvqa:0,4 textvqa:4. "
+                            "Under the Transformer Engine layer spec the evaluation generates with a torch-native "
+                            "copy of the model: a second copy of this rank's weights while it runs")
     group.add_argument("--fewshot-eval-interval", type=int, default=0,
                        help="evaluate every N iterations (0: never)")
     group.add_argument("--fewshot-eval-limit", type=int, default=None,

@@ -93,10 +93,6 @@ def build_model_and_optimizer(cfg: TrainingConfig):
     from engine.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     kernels = kernel_plan(cfg)
-    if cfg.fewshot.enabled and kernels.uses_te:
-        raise ConfigError("--fewshot-eval generates with the live model through the torch-native attention "
-                          "(its KV cache): train with --attention-backend varlen (or sdpa), or evaluate saved "
-                          "checkpoints with llava-evaluate")
     _print_rank0(kernels.describe())
     model = build_model(
         cfg.model_config,
@@ -309,22 +305,33 @@ def _data_with_sources(cfg: TrainingConfig, consumed_samples: int):
 
 def _fewshot(cfg: TrainingConfig, model):
     """fewshot_fn(iteration) for the Trainer (--fewshot-eval), else None: the live model wrapped in
-    a generator, questions sharded over the data-parallel ranks."""
+    a generator, questions sharded over the data-parallel ranks. A Transformer Engine spec model
+    is generated with through its torch-native copy (engine/inference/live.py), whose weights
+    exist only while an evaluation runs."""
     if not cfg.fewshot.enabled:
         return None
     from engine.data.tokenizer import build_tokenizer
     from engine.evaluation.during_training import FewshotSettings, fewshot_eval
     from engine.evaluation.sharding import World
     from engine.inference import EngineGenerator
+    from engine.inference.live import TorchNativeCopy
 
     settings = FewshotSettings.from_config(cfg.fewshot)
     tokenizer = build_tokenizer("sentencepiece", cfg.checkpoint.tokenizer_model)
     world = World.current(tensor_parallel=cfg.parallel.tensor_model_parallel_size)
     live = model.module  # the DDP-wrapped LLaVAModel
+    # With --overlap-param-gather the updated weights of other data-parallel ranks' shards arrive in
+    # the next forward's pre-hooks; a copy reads them before that, so it first gathers them at once
+    # (as megatron-core's disable_forward_pre_hook does before evaluating or saving).
+    gather = (lambda: model.start_param_sync(force_sync=True)) if cfg.parallel.overlap_param_gather_active else None
+    copy = TorchNativeCopy(cfg.model_config, before_copy=gather)
 
     def run(iteration: int) -> dict:
-        return fewshot_eval(live, cfg.fewshot, iteration, world=world, settings=settings,
-                            make_generator=lambda m: EngineGenerator(m, cfg.model_config, tokenizer))
+        try:
+            return fewshot_eval(live, cfg.fewshot, iteration, world=world, settings=settings,
+                                make_generator=lambda m: EngineGenerator(copy(m), cfg.model_config, tokenizer))
+        finally:
+            copy.release()
 
     return run
 

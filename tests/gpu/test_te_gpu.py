@@ -1,7 +1,8 @@
 """The Transformer Engine path on CUDA: checkpoints move between the TE and torch-native layer
-specs, a TE-spec checkpoint exports to Hugging Face and back, and FP8 (delayed and current
-scaling) trains, keeps its scaling state in checkpoints, and stays close to bf16. Skipped without
-Transformer Engine."""
+specs, a TE-spec checkpoint exports to Hugging Face and back, the torch-native copy that
+--fewshot-eval generates with matches the TE model, and FP8 (delayed and current scaling) trains,
+keeps its scaling state in checkpoints, and stays close to bf16. Skipped without Transformer
+Engine."""
 
 import subprocess
 import sys
@@ -71,6 +72,78 @@ def test_te_checkpoint_exports_to_hugging_face_and_back(mcore_cuda, sp, tmp_path
     for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         if torch.is_tensor(a) and not name.endswith("_extra_state"):
             assert torch.equal(a, b), name
+
+
+def _greedy_agrees(model, prompt, tokens: list[int], banned: torch.Tensor) -> int:
+    """How many of `tokens` (a greedy continuation of `prompt`) `model`'s own forward picks too, one
+    whole forward per token, until a near tie (either token is then right). Asserts the agreement
+    up to there."""
+    from engine.convert.verify import engine_batch, engine_logits
+
+    ids = prompt.ids
+    for i, token in enumerate(tokens):
+        logits = engine_logits(model, engine_batch(ids[None], prompt.pixels, prompt.offsets))[-1]
+        logits[banned] = float("-inf")
+        top = logits.topk(2)
+        if top.values[0] - top.values[1] < 1e-3:
+            return i
+        assert token == int(top.indices[0]), (i, token, top)
+        ids = torch.cat([ids, torch.tensor([token])])
+    return len(tokens)
+
+
+def _check_copy(live, copier, tokenizer_model: str) -> None:
+    """`copier(live)` (a TorchNativeCopy) gives a model whose logits are `live`'s own forward's,
+    whose greedy tokens `live` picks too, and whose weights `copier.release()` frees."""
+    from engine.convert.verify import engine_batch, engine_logits
+    from engine.data.tokenizer import SentencePieceTokenizer
+    from engine.inference import EngineGenerator, SamplingParams
+
+    sys.path.insert(0, str(REPO / "tests" / "inference"))
+    from generation_inputs import interleaved_requests
+
+    with torch.no_grad():  # a trained model's norms are not all ones: their fused names must pair up
+        for p in live.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    native = copier(live)
+    assert native is not live and not native.kernels.uses_te
+    gen = EngineGenerator(native, TINY, SentencePieceTokenizer(tokenizer_model), batch_size=4)
+    requests = interleaved_requests(6)
+    items, errors = gen.prepare(requests)
+    assert not errors
+    prompts = [p for _, _, p in items]
+    prefill = gen.runner.prefill(prompts, None, None)
+    results = gen.generate(requests, SamplingParams(max_new_tokens=4))
+    agreed = 0
+    for prompt, first, result in zip(prompts, prefill, results):
+        batch = engine_batch(prompt.ids[None], prompt.pixels, prompt.offsets)
+        want = engine_logits(live, batch)
+        torch.testing.assert_close(engine_logits(native, batch), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(first, want[-1], rtol=1e-4, atol=1e-4)
+        assert result.error is None and result.token_ids
+        agreed += _greedy_agrees(live, prompt, list(result.token_ids), gen.banned)
+    assert agreed >= 2 * len(results), agreed
+
+    weights = sum(p.numel() * p.element_size() for p in native.parameters())
+    del gen
+    before = torch.cuda.memory_allocated()
+    copier.release()
+    assert before - torch.cuda.memory_allocated() >= weights
+    assert copier(live) is native  # the next evaluation: the same module, the weights again
+    torch.testing.assert_close(engine_logits(native, batch), want, rtol=1e-4, atol=1e-4)
+    copier.release()
+
+
+def test_fewshot_eval_copy_matches_the_te_model(mcore_cuda, tokenizer_model):
+    """--fewshot-eval under the TE spec generates with a torch-native copy of the live model
+    (engine/inference/live.py): its logits are the TE model's own forward's, its greedy tokens the
+    TE model's, and its weights are freed after the evaluation."""
+    from engine.inference.live import TorchNativeCopy
+
+    torch.manual_seed(0)
+    te = build_model(TINY, kernels=plan_kernels(attention_backend="te")).eval()
+    assert te.kernels.uses_te
+    _check_copy(te, TorchNativeCopy(TINY), tokenizer_model)
 
 
 def _bench_model(kernels):
