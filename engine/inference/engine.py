@@ -69,6 +69,7 @@ def load_model(path: str | Path, dtype: torch.dtype, cfg):
 
 
 DECODE_MODES = ("auto", "eager", "static", "graphs")
+GRAPH_MAX_SLOTS = 8  # "auto": CUDA graphs up to this many sequences decoding together
 
 
 class EngineGenerator:
@@ -76,8 +77,14 @@ class EngineGenerator:
 
     `decode`: how decode steps run. "eager": only the live sequences, op by op; "static": every
     slot in fixed shapes (engine.inference.graphs), op by op; "graphs": the fixed-shape step
-    replayed from CUDA graphs; "auto": graphs on CUDA, eager elsewhere. All give the same tokens
-    (up to the kernels' rounding on CUDA)."""
+    replayed from CUDA graphs; "auto": graphs on CUDA for batches of up to GRAPH_MAX_SLOTS
+    sequences, eager otherwise. All give the same tokens (up to the kernels' rounding on CUDA).
+
+    Why the split (7B, bf16, one H200, docs/benchmarks.md): at batch 1 a decode step waits on
+    the host, and graphs take it from 26.7 to 191.5 tokens/s; with 32 sequences of ~3.2k
+    positions each step moves tens of GB of keys and values, so there is little launch time to
+    save, while every slot decodes and each new read length is captured first: few-shot
+    VQA-shaped requests ran at 8.64/s eager against 7.68/s with graphs."""
 
     def __init__(self, model, cfg, tokenizer, *, batch_size: int = 16, prefill_tokens: int = 32768,
                  owns_process_group: bool = False, decode: str = "auto"):
@@ -91,8 +98,7 @@ class EngineGenerator:
         self.max_context = cfg.language.max_position_embeddings
         self.runner = ModelRunner(model, self.max_context)
         self.banned = torch.tensor(banned_ids(cfg), device=self.runner.device)
-        cuda = self.runner.device.type == "cuda"
-        self.decode_mode = ("graphs" if cuda else "eager") if decode == "auto" else decode
+        self.decode_mode = decode
         self._cache = self._decoder = None
         self._owns_process_group = owns_process_group
 
@@ -144,19 +150,30 @@ class EngineGenerator:
                 errors[i] = error_result(r.id, str(e))
         return items, errors
 
+    def decode_mode_for(self, slots: int) -> str:
+        """The decode mode a batch of `slots` sequences runs in ("auto" resolved)."""
+        if self.decode_mode != "auto":
+            return self.decode_mode
+        return "graphs" if self.runner.device.type == "cuda" and slots <= GRAPH_MAX_SLOTS else "eager"
+
     def _cache_for(self, slots: int, max_len: int):
-        """The KV cache (and the decode-step runner bound to it) for `slots` x `max_len`. The
-        fixed-shape decode runs every slot of its cache, so it gets a cache of exactly `slots`."""
+        """(KV cache, decode-step runner bound to it or None for eager decoding) for `slots` x
+        `max_len`. The fixed-shape decode runs every slot of its cache, so it gets a cache of
+        exactly `slots`; its captured graphs stay with the cache for the next batch."""
         from engine.inference.graphs import StaticDecoder
 
-        static = self.decode_mode != "eager"
+        mode = self.decode_mode_for(slots)
+        static = mode != "eager"
         reuse = self._cache is not None and self._cache.fits(slots, max_len, self.runner.dtype)
         if not reuse or (static and self._cache.slots != slots):
             self._cache = self._decoder = None  # free the old ones first
             self._cache = self.runner.new_cache(slots, max_len)
-            if static:
-                self._decoder = StaticDecoder(self.runner, self._cache, graphs=self.decode_mode == "graphs")
-        return self._cache
+        if not static:
+            return self._cache, None
+        d = self._decoder
+        if d is None or d.cache is not self._cache or d.requested_graphs != (mode == "graphs"):
+            self._decoder = StaticDecoder(self.runner, self._cache, graphs=mode == "graphs")
+        return self._cache, self._decoder
 
     def generate(self, requests: Seq[Request], params: SamplingParams = SamplingParams()) -> list[Result]:
         params.validate()
@@ -165,9 +182,9 @@ class EngineGenerator:
             seqs = new_sequences(items, params, self.max_context, self.runner.device)
             slots = min(self.batch_size, len(seqs))
             max_len = min(self.max_context, max(s.prompt.length for s in seqs) + params.max_new_tokens)
-            cache = self._cache_for(slots, max_len)
+            cache, decoder = self._cache_for(slots, max_len)
             run_batched(self.runner, cache, seqs, slots=slots, prefill_tokens=self.prefill_tokens,
-                        banned=self.banned, tokenizer=self.tokenizer, decoder=self._decoder)
+                        banned=self.banned, tokenizer=self.tokenizer, decoder=decoder)
             results.update({s.index: s.result(self.tokenizer) for s in seqs})
         return [results[i] for i in range(len(requests))]
 

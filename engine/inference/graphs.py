@@ -34,7 +34,8 @@ BUCKET = 256
 class StaticDecoder:
     def __init__(self, runner, cache: KVCache, *, graphs: bool):
         self.runner, self.cache = runner, cache
-        self.graphs = graphs and cache.k.is_cuda
+        self.requested_graphs = graphs
+        self.graphs = graphs and cache.k.is_cuda  # False also once a capture has failed
         device = cache.k.device
         self.tokens = torch.zeros(cache.slots, dtype=torch.int64, device=device)
         self.positions = torch.zeros(cache.slots, dtype=torch.int64, device=device)

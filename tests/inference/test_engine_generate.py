@@ -93,7 +93,8 @@ def test_decode_mode_is_checked(engine):
 
     with pytest.raises(ValueError, match="decode must be one of"):
         EngineGenerator(engine.model, engine.cfg, engine.tokenizer, decode="fast")
-    assert engine.decode_mode == "eager"  # "auto" off CUDA
+    assert engine.decode_mode == "auto"
+    assert engine.decode_mode_for(1) == engine.decode_mode_for(64) == "eager"  # off CUDA
 
 
 def test_stop_strings_and_max_new_tokens(engine, requests_, greedy, tokenizer_model):
