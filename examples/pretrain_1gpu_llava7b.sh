@@ -21,9 +21,14 @@
 #                            only the first N layers of the stage (--recompute-method block
 #                            --recompute-num-layers N) keeps the other layers' activations and is
 #                            faster the smaller N is, as long as it fits.
-# The setting below is a safe default, not the measured fastest. Find the fastest that fits a card
-# with the benchmark's search (one process per attempt, out-of-memory attempts recorded and
-# skipped; --memory-limit-gib emulates a smaller card on a bigger one):
+# Measured on one H200 (docs/benchmarks.md, "What fits where"): with the optimizer on the GPU,
+# 8,192 positions, recomputing the first 26 of 32 layers fits (124.2 GiB) at 9,246 tokens/s
+# (41.1 % useful MFU); 121 GB of weights, gradients and optimizer state leave no more room. An
+# 80 GB card therefore needs --optimizer-cpu-offload, whose host side holds ~110 GB for 7B: on a
+# host with less memory, keep part of the state on the GPU (--optimizer-offload-fraction 0.6) and
+# recompute more. The offloaded setting below was not measured on an 80 GB card; find the fastest
+# that fits yours with the benchmark's search (one process per attempt, out-of-memory attempts
+# recorded and skipped; --memory-limit-gib emulates a smaller card on a bigger one):
 #
 #   python tools/benchmark.py --preset llava-1.5-7b --data-prefix "$DATA" --seq-length 4096 \
 #       --micro-batch-size 2 --global-batch-size 16 --steps 5 --memory-limit-gib 79.6 --search
