@@ -76,7 +76,12 @@ def _built_optimizer(argv: list) -> dict:
     assert all(hybrid.gpu_params_map_cpu_copy[p] is not p for p in host)
     return {"params": sum(p.numel() for p in params), "host": sum(p.numel() for p in host),
             "host_optimizers": len(hybrid.cpu_optimizers), "device_optimizer": hybrid.gpu_optimizer is not None,
-            "host_kind": {type(o).__name__ for o in hybrid.cpu_optimizers}}
+            "host_kind": {type(o).__name__ for o in hybrid.cpu_optimizers},
+            # mcore's own fp32 copies of the bf16 weights (precision-aware mode keeps none: the
+            # hybrid optimizer holds the main weights)
+            "distopt_fp32_copies": sum(
+                p is not None for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                for g in o.shard_fp32_from_float16_groups for p in g)}
 
 
 @pytest.mark.parametrize("extra, check", [
@@ -91,4 +96,5 @@ def test_the_offload_path_is_built(tiny_dataset, extra, check):
     argv = [str(a) for a in [*FLAGS, "--data-path", tiny_dataset, *OFFLOAD, *extra]]
     (report,) = helpers.run_distributed(_built_optimizer, 1, argv, timeout=200)
     assert report["host_kind"] == {"AdamW"}
+    assert report["distopt_fp32_copies"] == 0
     assert check(report), report
