@@ -77,7 +77,7 @@ class EngineGenerator:
 
     `decode`: how decode steps run. "eager": only the live sequences, op by op; "static": every
     slot in fixed shapes (engine.inference.graphs), op by op; "graphs": the fixed-shape step
-    replayed from CUDA graphs; "auto": graphs on CUDA for batches of up to GRAPH_MAX_SLOTS
+    replayed from CUDA graphs; "auto": graphs on CUDA at TP=1 for batches of up to GRAPH_MAX_SLOTS
     sequences, eager otherwise. All give the same tokens (up to the kernels' rounding on CUDA).
 
     Why the split (7B, bf16, one H200, docs/benchmarks.md): at batch 1 a decode step waits on
@@ -154,7 +154,10 @@ class EngineGenerator:
         """The decode mode a batch of `slots` sequences runs in ("auto" resolved)."""
         if self.decode_mode != "auto":
             return self.decode_mode
-        return "graphs" if self.runner.device.type == "cuda" and slots <= GRAPH_MAX_SLOTS else "eager"
+        # Under tensor parallelism each step all-gathers the logits; capturing NCCL collectives has
+        # not been tried on more than one GPU, so "auto" keeps TP > 1 op by op ("graphs" forces it).
+        graphable = self.runner.device.type == "cuda" and self.runner.tp == 1
+        return "graphs" if graphable and slots <= GRAPH_MAX_SLOTS else "eager"
 
     def _cache_for(self, slots: int, max_len: int):
         """(KV cache, decode-step runner bound to it or None for eager decoding) for `slots` x
