@@ -3,6 +3,9 @@ that every microbenchmark reports the same statistic (a CUDA-event median)."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import torch
 
 
@@ -10,6 +13,24 @@ def sync() -> None:
     """Wait for the GPU's queued work (nothing to wait for on a CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    """Wall seconds of `fn()`, the device's queue drained before and after."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def print_result(result: dict, json_out: str | None) -> None:
+    """A benchmark's one result: printed as indented JSON, and written to `json_out` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_out:
+        with open(json_out, "w") as f:
+            f.write(text + "\n")
 
 
 def median_cuda_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:

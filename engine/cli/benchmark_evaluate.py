@@ -32,7 +32,6 @@ never writes a newline or EOS (random weights) makes every way spend its whole b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections import Counter
@@ -41,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from engine.cli.benchmark_generate import build_models, timed
+from engine.bench.timing import print_result, timed
+from engine.cli.benchmark_generate import build_models
 from engine.evaluation.runner import SHOTS, EvalSettings, answer, check_settings, prepare
 from engine.evaluation.sharding import World
 from engine.evaluation.templates import TEMPLATES, stop_strings
@@ -231,11 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"llava-benchmark-evaluate: error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    print_result(result, args.json_out)
     return 0
 
 

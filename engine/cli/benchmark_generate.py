@@ -19,11 +19,11 @@ tokenizer that never produces EOS, so every request generates exactly its token 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 import torch
+
+from engine.bench.timing import print_result, timed
 
 
 class WordTokenizer:
@@ -62,19 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json-out", default=None)
     return p
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> float:
-    _sync()
-    start = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - start
 
 
 def measure_bandwidth(device) -> float:
@@ -234,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                   "vqa": bench_vqa(engine, hf, args, requests)}
     finally:
         engine.close()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    print_result(result, args.json_out)
     return 0
 
 
