@@ -202,8 +202,8 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
                    help="model weights to start from (a converted LLaVA checkpoint); "
                         "optimizer, schedule and data position start fresh")
     g.add_argument("--no-save-optim", action="store_true",
-                   help="save weights (and schedule, data position, RNG) without the optimizer state, an "
-                        "eighth of its size for a full model; resume such a checkpoint with --no-load-optim")
+                   help="save weights (and schedule, data position, RNG) without the optimizer state, a "
+                        "seventh of its size for a full model; resume such a checkpoint with --no-load-optim")
     g.add_argument("--no-load-optim", action="store_true", help="resume weights but not optimizer state")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
 
